@@ -1,0 +1,218 @@
+r"""The contract every layer keeps, and the containers that compose layers.
+
+A layer is a :class:`Module`:
+
+* configuration is fixed in ``__init__``;
+* ``params`` and ``grads`` are dicts with the same keys (``"weight"``, ``"bias"``);
+* ``forward(x)`` computes the output and stores exactly what backward needs in
+  ``self.cache``;
+* ``backward(dy)`` reads the cache, **accumulates** parameter gradients
+  (``self.grads[k] += ...``), releases the cache and returns ``dx``.
+
+Because gradients accumulate, call :meth:`Module.zero_grad` once per step.
+Tied weights are one shared array (and one shared gradient array) in two
+modules, so both gradient contributions land in the same buffer.
+
+Containers (:class:`Sequential`, :class:`ModuleList`, and any module holding
+sub-modules as attributes) name parameters with dots, as PyTorch does:
+``transformer.h.0.attn.c_attn.weight``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from mnn.backend import xp
+from mnn.errors import CheckpointError, ShapeError
+
+
+class Module:
+    """Base class of all layers, losses and models."""
+
+    def __init__(self) -> None:
+        self.params: dict = {}
+        self.grads: dict = {}
+        self.training = True
+        self.cache = None
+
+    # -- the two passes -------------------------------------------------
+    def forward(self, *inputs):
+        raise NotImplementedError
+
+    def backward(self, dy):
+        raise NotImplementedError
+
+    def __call__(self, *inputs):
+        return self.forward(*inputs)
+
+    def pop_cache(self):
+        """Return the forward cache and release it; an error if forward did not run."""
+        cache = self.cache
+        if cache is None:
+            raise RuntimeError(f"{self!r}: backward called without a forward (or twice)")
+        self.cache = None
+        return cache
+
+    # -- parameters ------------------------------------------------------
+    def add_parameter(self, name: str, value) -> None:
+        """Register ``value`` as a parameter with a zeroed gradient of the same shape."""
+        self.params[name] = value
+        self.grads[name] = xp.zeros_like(value)
+
+    def tie_parameter(self, name: str, owner: "Module", owner_name: str) -> None:
+        """Share ``owner.params[owner_name]`` (and its gradient buffer) as ``self.params[name]``."""
+        self.params[name] = owner.params[owner_name]
+        self.grads[name] = owner.grads[owner_name]
+
+    def children(self) -> Iterator[tuple[str, "Module"]]:
+        """Direct sub-modules, in the order they were assigned."""
+        for name, value in vars(self).items():
+            if isinstance(value, Module):
+                yield name, value
+
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+        yield prefix, self
+        for name, child in self.children():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def _named(self, which: str, unique: bool) -> Iterator[tuple[str, object]]:
+        seen = set()
+        for prefix, module in self.named_modules():
+            for key, value in getattr(module, which).items():
+                if unique:
+                    if id(value) in seen:
+                        continue
+                    seen.add(id(value))
+                yield (f"{prefix}.{key}" if prefix else key), value
+
+    def named_parameters(self) -> list[tuple[str, object]]:
+        """``(dotted name, array)`` for every parameter, tied arrays listed once."""
+        return list(self._named("params", unique=True))
+
+    def named_grads(self) -> list[tuple[str, object]]:
+        """``(dotted name, gradient array)`` in the same order as :meth:`named_parameters`."""
+        return list(self._named("grads", unique=True))
+
+    def num_parameters(self) -> int:
+        return sum(int(p.size) for _, p in self.named_parameters())
+
+    def zero_grad(self) -> None:
+        for _, grad in self.named_grads():
+            grad.fill(0)
+
+    def train(self, mode: bool = True) -> "Module":
+        for _, module in self.named_modules():
+            module.training = mode
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    # -- state dicts -----------------------------------------------------
+    def state_dict(self) -> dict:
+        """Every parameter by dotted name; tied arrays appear under each name (as in PyTorch)."""
+        return dict(self._named("params", unique=False))
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copy ``state`` into the parameters, in place, strictly.
+
+        Every check runs before anything is copied, so a refused state dict
+        leaves the model untouched.
+
+        Raises:
+            CheckpointError: naming every missing, unexpected or mis-shaped entry.
+        """
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        mis_shaped = [
+            f"{k}: expected {tuple(own[k].shape)}, got {tuple(state[k].shape)}"
+            for k in own
+            if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+        ]
+        problems = []
+        if missing:
+            problems.append("missing " + ", ".join(missing))
+        if unexpected:
+            problems.append("unexpected " + ", ".join(unexpected))
+        if mis_shaped:
+            problems.append("wrong shape " + "; ".join(mis_shaped))
+        if problems:
+            raise CheckpointError(f"{type(self).__name__}.load_state_dict: " + " | ".join(problems))
+        for name, param in own.items():
+            param[...] = xp.asarray(state[name], dtype=param.dtype)
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+def check_input(layer: Module, x, last_dim: int | None = None, min_ndim: int = 1, ndim: int | None = None) -> None:
+    """Refuse an input of the wrong rank or feature size, naming the layer and both shapes.
+
+    Raises:
+        ShapeError: e.g. ``Linear(784, 256): expected input (..., 784), got (64, 100)``.
+    """
+    shape = tuple(getattr(x, "shape", ()))
+    wanted = ("..., " if ndim is None else "") + (str(last_dim) if last_dim is not None else "features")
+    if ndim is not None and len(shape) != ndim:
+        raise ShapeError(f"{layer!r}: expected a {ndim}-D input, got shape {shape}")
+    if len(shape) < min_ndim:
+        raise ShapeError(f"{layer!r}: expected input ({wanted}) with at least {min_ndim} dims, got shape {shape}")
+    if last_dim is not None and shape[-1] != last_dim:
+        raise ShapeError(f"{layer!r}: expected input ({wanted}), got shape {shape}")
+
+
+class Sequential(Module):
+    """Layers applied in order; backward runs them in reverse. Children are named ``0, 1, ...``."""
+
+    def __init__(self, *layers: Module) -> None:
+        super().__init__()
+        self.layers = list(layers)
+
+    def children(self):
+        for index, layer in enumerate(self.layers):
+            yield str(index), layer
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dy):
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+    def __getitem__(self, index: int) -> Module:
+        return self.layers[index]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        inner = "\n".join(f"  ({i}): {layer!r}" for i, layer in enumerate(self.layers))
+        return f"Sequential(\n{inner}\n)"
+
+
+class ModuleList(Module):
+    """A list of modules named ``0, 1, ...`` (no forward of its own), like ``torch.nn.ModuleList``."""
+
+    def __init__(self, modules) -> None:
+        super().__init__()
+        self.items = list(modules)
+
+    def children(self):
+        for index, module in enumerate(self.items):
+            yield str(index), module
+
+    def __getitem__(self, index: int) -> Module:
+        return self.items[index]
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
