@@ -19,3 +19,7 @@ class CheckpointError(MnnError, ValueError):
 
 class TrainingError(MnnError, RuntimeError):
     """Training cannot go on (for example, the loss became NaN or infinite)."""
+
+
+class InputError(MnnError, ValueError):
+    """An input has the right shape but impossible values (label out of range, NaN, log of 0)."""

@@ -13,6 +13,7 @@ import math
 import numpy
 
 from mnn.backend import default_dtype, xp
+from mnn.errors import InputError, ShapeError
 from mnn.module import Module, check_input
 
 
@@ -97,3 +98,368 @@ class Linear(Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, bias={'bias' in self.params}"
+
+
+class ReLU(Module):
+    r"""Rectified linear unit, element-wise: $y = \max(x, 0)$.
+
+    Forward:
+
+    $$
+    y_i = \max(x_i, 0). \tag{1}
+    $$
+
+    Backward. Each output depends only on its own input, so the Jacobian is
+    diagonal:
+
+    $$
+    \frac{\partial y_i}{\partial x_j} = \delta_{ij}\, \mathbb{1}[x_i > 0], \qquad
+    J = \operatorname{diag}\big(\mathbb{1}[x > 0]\big),
+    $$
+
+    and the vector-Jacobian product is a mask on the upstream gradient $g$:
+
+    $$
+    \frac{\partial L}{\partial x} = J^\top g = g \odot \mathbb{1}[x > 0]. \tag{2}
+    $$
+
+    (At $x_i = 0$ the derivative is taken as 0, as PyTorch does.)
+    Cache: the boolean mask $\mathbb{1}[x > 0]$, one byte per element.
+    """
+
+    def forward(self, x):
+        mask = x > 0
+        self.cache = mask
+        return x * mask  # Eq. (1)
+
+    def backward(self, dy):
+        mask = self.pop_cache()
+        return dy * mask  # Eq. (2)
+
+
+class Sigmoid(Module):
+    r"""Logistic sigmoid, element-wise: $y = 1 / (1 + e^{-x})$.
+
+    Forward, computed as $\tfrac12(1 + \tanh(x/2))$, which is the same function
+    and never overflows:
+
+    $$
+    y_i = \sigma(x_i) = \frac{1}{1 + e^{-x_i}} = \tfrac{1}{2}\big(1 + \tanh(x_i / 2)\big). \tag{1}
+    $$
+
+    Backward. $\sigma'(x) = \sigma(x)\,(1 - \sigma(x))$, so the Jacobian is
+    diagonal, $J = \operatorname{diag}\big(y \odot (1 - y)\big)$, and
+
+    $$
+    \frac{\partial L}{\partial x} = g \odot y \odot (1 - y). \tag{2}
+    $$
+
+    Cache: the output $y$ (the derivative is a function of it alone).
+    """
+
+    def forward(self, x):
+        y = 0.5 * (1.0 + xp.tanh(0.5 * x))  # Eq. (1)
+        self.cache = y
+        return y
+
+    def backward(self, dy):
+        y = self.pop_cache()
+        return dy * y * (1.0 - y)  # Eq. (2)
+
+
+class Tanh(Module):
+    r"""Hyperbolic tangent, element-wise: $y = \tanh(x)$.
+
+    $$
+    y_i = \tanh(x_i) = \frac{e^{x_i} - e^{-x_i}}{e^{x_i} + e^{-x_i}}. \tag{1}
+    $$
+
+    Backward. $\tanh'(x) = 1 - \tanh^2(x)$; the Jacobian is
+    $J = \operatorname{diag}(1 - y \odot y)$ and
+
+    $$
+    \frac{\partial L}{\partial x} = g \odot (1 - y \odot y). \tag{2}
+    $$
+
+    Cache: the output $y$.
+    """
+
+    def forward(self, x):
+        y = xp.tanh(x)  # Eq. (1)
+        self.cache = y
+        return y
+
+    def backward(self, dy):
+        y = self.pop_cache()
+        return dy * (1.0 - y * y)  # Eq. (2)
+
+
+class Log(Module):
+    r"""Natural logarithm, element-wise: $y = \ln x$, defined for $x > 0$.
+
+    $$
+    y_i = \ln x_i. \tag{1}
+    $$
+
+    Backward. $\partial y_i / \partial x_j = \delta_{ij} / x_i$, so
+    $J = \operatorname{diag}(1/x)$ and
+
+    $$
+    \frac{\partial L}{\partial x} = g \oslash x \quad\text{(element-wise division)}. \tag{2}
+    $$
+
+    Cache: the input $x$. An input with a zero or negative entry is refused
+    (its logarithm is $-\infty$ or NaN, which would poison training silently).
+    """
+
+    def forward(self, x):
+        if not bool(xp.all(x > 0)):
+            raise InputError(f"{self!r}: input must be positive; got min {float(xp.min(x))}")
+        self.cache = x
+        return xp.log(x)  # Eq. (1)
+
+    def backward(self, dy):
+        x = self.pop_cache()
+        return dy / x  # Eq. (2)
+
+
+class Softmax(Module):
+    r"""Softmax over one axis (the last by default): positive outputs that sum to 1.
+
+    Forward, for one row $x \in \mathbb{R}^n$, shifted by its maximum so that
+    no exponential overflows (the shift cancels in the ratio):
+
+    $$
+    y_i = \frac{e^{x_i - m}}{\sum_{k=1}^{n} e^{x_k - m}}, \qquad m = \max_k x_k. \tag{1}
+    $$
+
+    Backward. Differentiating the quotient,
+
+    $$
+    \frac{\partial y_i}{\partial x_j}
+    = \frac{\delta_{ij} e^{x_i} \sum_k e^{x_k} - e^{x_i} e^{x_j}}{\big(\sum_k e^{x_k}\big)^2}
+    = y_i\,(\delta_{ij} - y_j),
+    $$
+
+    so the Jacobian is symmetric, with $y_i(1 - y_i)$ on the diagonal and
+    $-y_i y_j$ off it:
+
+    $$
+    J = \operatorname{diag}(y) - y\, y^\top =
+    \begin{pmatrix}
+    y_1 (1 - y_1) & -y_1 y_2 & \cdots & -y_1 y_n \\
+    -y_2 y_1 & y_2 (1 - y_2) & \cdots & -y_2 y_n \\
+    \vdots & \vdots & \ddots & \vdots \\
+    -y_n y_1 & -y_n y_2 & \cdots & y_n (1 - y_n)
+    \end{pmatrix}.
+    $$
+
+    The vector-Jacobian product never needs $J$ itself:
+
+    $$
+    \frac{\partial L}{\partial x} = J^\top g = y \odot g - y\,(y^\top g)
+    = y \odot \big(g - \langle g, y \rangle\big), \tag{2}
+    $$
+
+    one dot product per row and two element-wise operations: $O(n)$ per row
+    instead of the $O(n^2)$ of a Jacobian.
+
+    Args:
+        axis: the axis that sums to 1.
+
+    Cache: the output $y$.
+    """
+
+    def __init__(self, axis: int = -1) -> None:
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x):
+        shifted = x - x.max(axis=self.axis, keepdims=True)  # Eq. (1): x - m
+        y = xp.exp(shifted, out=shifted)
+        y /= y.sum(axis=self.axis, keepdims=True)  # Eq. (1)
+        self.cache = y
+        return y
+
+    def backward(self, dy):
+        y = self.pop_cache()
+        inner = (dy * y).sum(axis=self.axis, keepdims=True)  # Eq. (2): <g, y>
+        return y * (dy - inner)  # Eq. (2)
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}"
+
+
+class LogSoftmax(Module):
+    r"""Logarithm of the softmax over one axis, computed stably in one step.
+
+    Forward, with $m = \max_k x_k$:
+
+    $$
+    z_i = x_i - \log \sum_{k=1}^{n} e^{x_k}
+        = x_i - m - \log \sum_{k=1}^{n} e^{x_k - m}. \tag{1}
+    $$
+
+    Backward. With $y = \operatorname{softmax}(x) = e^{z}$,
+
+    $$
+    \frac{\partial z_i}{\partial x_j} = \delta_{ij} - \frac{e^{x_j}}{\sum_k e^{x_k}} = \delta_{ij} - y_j,
+    \qquad J = I - \mathbf{1}\, y^\top,
+    $$
+
+    so every row of $J$ is the same $-y^\top$ plus the identity, and
+
+    $$
+    \frac{\partial L}{\partial x} = J^\top g = g - y \sum_{i=1}^{n} g_i. \tag{2}
+    $$
+
+    Args:
+        axis: the axis normalised over.
+
+    Cache: the output $z$ ($y = e^{z}$ is recomputed in backward).
+    """
+
+    def __init__(self, axis: int = -1) -> None:
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x):
+        shifted = x - x.max(axis=self.axis, keepdims=True)
+        z = shifted - xp.log(xp.exp(shifted).sum(axis=self.axis, keepdims=True))  # Eq. (1)
+        self.cache = z
+        return z
+
+    def backward(self, dy):
+        z = self.pop_cache()
+        return dy - xp.exp(z) * dy.sum(axis=self.axis, keepdims=True)  # Eq. (2)
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}"
+
+
+class Dropout(Module):
+    r"""Inverted dropout: zero each element with probability $p$ while training, scale the rest by $1/(1-p)$.
+
+    Forward, with a fresh mask $m_i \sim \operatorname{Bernoulli}(1 - p)$ per call:
+
+    $$
+    y_i = \frac{m_i\, x_i}{1 - p} \quad\text{(training)}, \qquad y = x \quad\text{(evaluation, or } p = 0\text{)}. \tag{1}
+    $$
+
+    The scale keeps $\mathbb{E}[y_i] = x_i$, so evaluation needs no rescaling.
+
+    Backward. For a fixed mask the layer is linear and diagonal,
+    $J = \operatorname{diag}\big(m / (1 - p)\big)$, so
+
+    $$
+    \frac{\partial L}{\partial x} = g \odot \frac{m}{1 - p}. \tag{2}
+    $$
+
+    Args:
+        p: the drop probability, $0 \le p < 1$.
+        rng: a ``numpy.random.Generator`` for the masks (seed it for reproducible runs).
+
+    Cache: the scaled mask $m / (1 - p)$ (or nothing when the layer is the identity).
+    """
+
+    def __init__(self, p: float = 0.5, rng: numpy.random.Generator | None = None) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
+        self.p = p
+        self.rng = rng if rng is not None else numpy.random.default_rng()
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            self.cache = 1.0
+            return x
+        keep = self.rng.random(x.shape, dtype=numpy.float32) >= self.p
+        scaled_mask = xp.asarray(keep, dtype=x.dtype) * (1.0 / (1.0 - self.p))
+        self.cache = scaled_mask
+        return x * scaled_mask  # Eq. (1)
+
+    def backward(self, dy):
+        scaled_mask = self.pop_cache()
+        if isinstance(scaled_mask, float):
+            return dy
+        return dy * scaled_mask  # Eq. (2)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class MatrixProduct(Module):
+    r"""The product of two inputs, $D = Q P$, batched over any leading dimensions.
+
+    This is the layer attention is built from: scores $Q K^\top$ and the
+    weighted sum $A V$ are both matrix products of two *activations*, so the
+    gradient must flow into both factors.
+
+    Forward, for $Q \in \mathbb{R}^{n \times k}$ and $P \in \mathbb{R}^{k \times m}$
+    (each leading index $(b, \dots)$ is an independent product):
+
+    $$
+    D_{ij} = \sum_{l=1}^{k} Q_{il}\, P_{lj}. \tag{1}
+    $$
+
+    For example, with $n = k = m = 2$:
+
+    $$
+    \begin{pmatrix} D_{11} & D_{12} \\ D_{21} & D_{22} \end{pmatrix}
+    =
+    \begin{pmatrix} Q_{11} & Q_{12} \\ Q_{21} & Q_{22} \end{pmatrix}
+    \begin{pmatrix} P_{11} & P_{12} \\ P_{21} & P_{22} \end{pmatrix}
+    =
+    \begin{pmatrix}
+    Q_{11} P_{11} + Q_{12} P_{21} & Q_{11} P_{12} + Q_{12} P_{22} \\
+    Q_{21} P_{11} + Q_{22} P_{21} & Q_{21} P_{12} + Q_{22} P_{22}
+    \end{pmatrix}.
+    $$
+
+    Backward. The element partials of (1) are
+
+    $$
+    \frac{\partial D_{ij}}{\partial Q_{ab}} = \delta_{ia}\, P_{bj}, \qquad
+    \frac{\partial D_{ij}}{\partial P_{ab}} = Q_{ia}\, \delta_{bj}.
+    $$
+
+    Flattening matrices row by row ($\operatorname{vec}$), these are the
+    Kronecker-structured Jacobians
+
+    $$
+    \frac{\partial \operatorname{vec} D}{\partial \operatorname{vec} Q} = I_n \otimes P^\top, \qquad
+    \frac{\partial \operatorname{vec} D}{\partial \operatorname{vec} P} = Q \otimes I_m,
+    $$
+
+    of sizes $nm \times nk$ and $nm \times km$, never formed. Contracting the
+    partials with the upstream gradient $G = \partial L / \partial D$ instead:
+
+    $$
+    \frac{\partial L}{\partial Q_{ab}} = \sum_{i,j} G_{ij}\, \delta_{ia} P_{bj} = \sum_j G_{aj} P_{bj}
+    \quad\Longrightarrow\quad
+    \frac{\partial L}{\partial Q} = G\, P^\top, \tag{2}
+    $$
+
+    $$
+    \frac{\partial L}{\partial P_{ab}} = \sum_{i,j} G_{ij}\, Q_{ia} \delta_{bj} = \sum_i Q_{ia} G_{ib}
+    \quad\Longrightarrow\quad
+    \frac{\partial L}{\partial P} = Q^\top G. \tag{3}
+    $$
+
+    Shapes: ``Q (..., n, k)``, ``P (..., k, m)``, ``D (..., n, m)`` with the same
+    leading dimensions on both inputs. ``backward(dD)`` returns ``(dQ, dP)``.
+    Cache: both inputs (each is needed for the other's gradient).
+    """
+
+    def forward(self, q, p):
+        if q.ndim < 2 or p.ndim < 2 or q.shape[:-2] != p.shape[:-2] or q.shape[-1] != p.shape[-2]:
+            raise ShapeError(f"{self!r}: cannot multiply Q {tuple(q.shape)} by P {tuple(p.shape)}: "
+                             "expected (..., n, k) and (..., k, m) with the same leading dims")
+        self.cache = (q, p)
+        return q @ p  # Eq. (1)
+
+    def backward(self, dd):
+        q, p = self.pop_cache()
+        dq = dd @ xp.swapaxes(p, -1, -2)  # Eq. (2)
+        dp = xp.swapaxes(q, -1, -2) @ dd  # Eq. (3)
+        return dq, dp

@@ -1,0 +1,151 @@
+r"""Losses: the only modules that see targets, and the only place the batch mean is taken.
+
+A loss's ``forward(prediction, target)`` returns a scalar (a 0-d array;
+``float(loss)`` gives the number) and ``backward(dloss=1.0)`` returns the
+gradient with respect to the prediction, already divided by the batch size.
+"""
+
+from __future__ import annotations
+
+from mnn.backend import xp
+from mnn.errors import InputError, ShapeError
+from mnn.module import Module
+
+
+def check_class_targets(loss: Module, scores, targets) -> None:
+    """Refuse targets that are not integer class ids in ``[0, C)`` of the shape ``scores.shape[:-1]``."""
+    if scores.ndim < 1:
+        raise ShapeError(f"{loss!r}: expected scores (..., C), got a scalar")
+    if tuple(targets.shape) != tuple(scores.shape[:-1]):
+        raise ShapeError(f"{loss!r}: targets of shape {tuple(targets.shape)} do not match "
+                         f"scores {tuple(scores.shape)}: expected {tuple(scores.shape[:-1])}")
+    if not xp.issubdtype(targets.dtype, xp.integer):
+        raise ShapeError(f"{loss!r}: targets must be integer class ids, got dtype {targets.dtype}")
+    if targets.size == 0:
+        raise InputError(f"{loss!r}: empty batch")
+    lowest, highest = int(targets.min()), int(targets.max())
+    if lowest < 0 or highest >= scores.shape[-1]:
+        bad = lowest if lowest < 0 else highest
+        raise InputError(f"{loss!r}: target class {bad} out of range [0, {scores.shape[-1]})")
+
+
+class MSELoss(Module):
+    r"""Mean squared error over all $N$ elements: $L = \frac{1}{N}\sum_i (\hat y_i - y_i)^2$.
+
+    Forward:
+
+    $$
+    L = \frac{1}{N} \sum_{i=1}^{N} (\hat y_i - y_i)^2. \tag{1}
+    $$
+
+    Backward. $L$ is a scalar, so its Jacobian with respect to $\hat y$ is a
+    single row, the gradient itself:
+
+    $$
+    \frac{\partial L}{\partial \hat y_i} = \frac{2}{N}\,(\hat y_i - y_i), \qquad
+    \frac{\partial L}{\partial \hat y} = \frac{2}{N}\,(\hat y - y)\; \cdot\; \frac{\partial \ell}{\partial L}, \tag{2}
+    $$
+
+    where $\partial \ell / \partial L$ is the upstream scalar (1 when $L$ is the final loss).
+
+    Cache: the difference $\hat y - y$.
+    """
+
+    def forward(self, prediction, target):
+        if tuple(prediction.shape) != tuple(target.shape):
+            raise ShapeError(f"{self!r}: prediction {tuple(prediction.shape)} and target "
+                             f"{tuple(target.shape)} must have the same shape")
+        if prediction.size == 0:
+            raise InputError(f"{self!r}: empty batch")
+        diff = prediction - target
+        self.cache = diff
+        return xp.mean(diff * diff)  # Eq. (1)
+
+    def backward(self, dloss=1.0):
+        diff = self.pop_cache()
+        return diff * (2.0 * float(dloss) / diff.size)  # Eq. (2)
+
+
+class NLLLoss(Module):
+    r"""Negative log-likelihood of integer labels, given log-probabilities; mean over the batch.
+
+    Forward, for log-probabilities $z \in \mathbb{R}^{N \times C}$ (any leading
+    dimensions are flattened into the $N$ rows) and labels $t_n \in \{0,\dots,C-1\}$:
+
+    $$
+    L = -\frac{1}{N} \sum_{n=1}^{N} z_{n, t_n}. \tag{1}
+    $$
+
+    Backward. Only the picked entries appear in (1):
+
+    $$
+    \frac{\partial L}{\partial z_{n,c}} = -\frac{1}{N}\, \delta_{c, t_n}, \qquad
+    \frac{\partial L}{\partial z} = -\frac{1}{N}\, \operatorname{onehot}(t) \cdot \frac{\partial \ell}{\partial L}, \tag{2}
+    $$
+
+    written by scattering $-1/N$ into a zero array, never by forming the one-hot product.
+
+    Cache: the labels and the input shape.
+    """
+
+    def forward(self, log_probs, targets):
+        check_class_targets(self, log_probs, targets)
+        rows = log_probs.reshape(-1, log_probs.shape[-1])
+        labels = targets.reshape(-1)
+        self.cache = (labels, log_probs.shape, log_probs.dtype)
+        return -rows[xp.arange(labels.size), labels].mean()  # Eq. (1)
+
+    def backward(self, dloss=1.0):
+        labels, shape, dtype = self.pop_cache()
+        grad = xp.zeros((labels.size, shape[-1]), dtype=dtype)
+        grad[xp.arange(labels.size), labels] = -float(dloss) / labels.size  # Eq. (2)
+        return grad.reshape(shape)
+
+
+class CrossEntropyLoss(Module):
+    r"""Softmax cross-entropy of integer labels, fused (log-softmax + NLL in one step); mean over the batch.
+
+    Forward, for logits $x \in \mathbb{R}^{N \times C}$ (leading dimensions
+    flattened into the $N$ rows, e.g. $(B, T, V) \to (BT, V)$) and labels $t_n$,
+    with $m_n = \max_c x_{n,c}$ for stability:
+
+    $$
+    L = \frac{1}{N} \sum_{n=1}^{N} \Big( -x_{n,t_n} + m_n + \log \sum_{c=1}^{C} e^{x_{n,c} - m_n} \Big). \tag{1}
+    $$
+
+    Backward. This is ``NLLLoss(LogSoftmax(x))``: chaining the NLL gradient
+    $-\tfrac{1}{N}\operatorname{onehot}(t)$ through the log-softmax Jacobian
+    $J = I - \mathbf{1} y^\top$ (with $y_n = \operatorname{softmax}(x_n)$) gives,
+    per row, $J^\top g = g - y \sum_c g_c$ with $\sum_c g_c = -1/N$:
+
+    $$
+    \frac{\partial L}{\partial x_{n,c}} = \frac{1}{N}\big(y_{n,c} - \delta_{c,t_n}\big), \qquad
+    \frac{\partial L}{\partial x} = \frac{1}{N}\big(y - \operatorname{onehot}(t)\big) \cdot \frac{\partial \ell}{\partial L}. \tag{2}
+    $$
+
+    The fused form is cheaper and more accurate than the two layers apart: no
+    $\log$ of a probability that underflowed, one pass over the logits.
+
+    Cache: the probabilities $y$ (``(N, C)``) and the labels.
+    """
+
+    def forward(self, logits, targets):
+        check_class_targets(self, logits, targets)
+        rows = logits.reshape(-1, logits.shape[-1])
+        labels = targets.reshape(-1)
+        n = labels.size
+        shifted = rows - rows.max(axis=1, keepdims=True)  # Eq. (1): x - m
+        exp = xp.exp(shifted)
+        sum_exp = exp.sum(axis=1, keepdims=True)
+        picked = shifted[xp.arange(n), labels]
+        loss = (xp.log(sum_exp[:, 0]) - picked).mean()  # Eq. (1)
+        exp /= sum_exp  # y = softmax(x), reused by backward
+        self.cache = (exp, labels, logits.shape)
+        return loss
+
+    def backward(self, dloss=1.0):
+        probs, labels, shape = self.pop_cache()
+        n = labels.size
+        probs[xp.arange(n), labels] -= 1.0  # Eq. (2): y - onehot(t)
+        probs *= float(dloss) / n  # Eq. (2)
+        return probs.reshape(shape)
