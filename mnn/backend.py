@@ -79,8 +79,8 @@ def set_default_dtype(dtype) -> None:
 
 def to_numpy(array):
     """Copy an array of the active device to host memory as a numpy array."""
-    if isinstance(array, numpy.ndarray):
-        return array
+    if isinstance(array, (numpy.ndarray, numpy.generic, int, float)):
+        return numpy.asarray(array)
     return array.get()  # CuPy
 
 
