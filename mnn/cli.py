@@ -69,6 +69,24 @@ def add_mlp_parser(train) -> None:
     mlp.add_argument("--out", help="output folder (default runs/mlp)")
 
 
+def add_gpt_parser(train) -> None:
+    from mnn.train_gpt import PRESETS  # noqa: PLC0415
+
+    gpt = train.add_parser("gpt", help="a character-level GPT on a text file (default: tiny Shakespeare)")
+    gpt.add_argument("--preset", choices=sorted(PRESETS), default="shakespeare-char-cpu",
+                     help="a named recipe; other flags override it")
+    gpt.add_argument("--data", help="a UTF-8 text file (default: tiny Shakespeare, downloaded and checked)")
+    gpt.add_argument("--out", help="output folder (default runs/gpt)")
+    for flag in ("block-size", "n-layer", "n-head", "n-embd", "batch-size", "max-iters",
+                 "warmup-iters", "lr-decay-iters", "eval-interval", "eval-iters", "log-interval"):
+        gpt.add_argument(f"--{flag}", type=positive_int)
+    for flag in ("learning-rate", "min-lr", "grad-clip"):
+        gpt.add_argument(f"--{flag}", type=positive_float)
+    gpt.add_argument("--weight-decay", type=float)
+    gpt.add_argument("--dropout", type=probability)
+    gpt.add_argument("--seed", type=int)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="mnn", description="Manual Neural Networks: train and use hand-derived models.")
     parser.add_argument("--device", choices=["cpu", "gpu"], default=None, help="cpu (numpy) or gpu (CuPy)")
@@ -77,10 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model").add_subparsers(
         dest="model", required=True, parser_class=OneLineParser)
     add_mlp_parser(train)
+    add_gpt_parser(train)
 
     evaluate = commands.add_parser("eval", help="test accuracy of a saved MLP")
     evaluate.add_argument("weights", help="a model.safetensors written by 'mnn train mlp'")
     evaluate.add_argument("--data-dir", help="folder with the four IDX files")
+
+    sample = commands.add_parser("sample", help="generate text from a saved character-level GPT")
+    sample.add_argument("weights", help="a model.safetensors written by 'mnn train gpt'")
+    sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    sample.add_argument("--tokens", type=positive_int, default=500, help="characters to generate")
+    sample.add_argument("--temperature", type=positive_float, default=0.8)
+    sample.add_argument("--top-k", type=positive_int, default=40)
+    sample.add_argument("--seed", type=int, default=1)
     return parser
 
 
@@ -96,6 +123,16 @@ def run(args) -> int:
 
         config = MLPTrainConfig(**{**PRESETS[args.preset], **overrides(args, MLPTrainConfig)})
         train_mlp(config)
+        return 0
+    if args.command == "train" and args.model == "gpt":
+        from mnn.train_gpt import PRESETS, GPTTrainConfig, train_gpt  # noqa: PLC0415
+
+        train_gpt(GPTTrainConfig(**{**PRESETS[args.preset], **overrides(args, GPTTrainConfig)}))
+        return 0
+    if args.command == "sample":
+        from mnn.train_gpt import sample_file  # noqa: PLC0415
+
+        print(sample_file(args.weights, args.prompt, args.tokens, args.temperature, args.top_k, args.seed))
         return 0
     if args.command == "eval":
         from mnn.train_mlp import evaluate_file  # noqa: PLC0415

@@ -9,6 +9,7 @@ fsync'd and renamed over the old one, so a crash never leaves half a file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -21,6 +22,7 @@ from mnn.backend import to_numpy
 from mnn.errors import CheckpointError
 
 HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own cap on the JSON header
+JSON_METADATA = ("config", "train_config", "step", "rng")  # metadata values stored as JSON text
 
 
 def _safetensors_numpy():
@@ -94,7 +96,10 @@ def save_model(path, model, **extra_metadata) -> Path:
     """Save ``model.state_dict()`` and ``model.config`` to a safetensors file."""
     from mnn import __version__  # noqa: PLC0415 - avoid an import cycle at module load
 
-    metadata = {"format": "pt", "mnn_version": __version__, "config": model.config, **extra_metadata}
+    config = model.config
+    if dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    metadata = {"format": "pt", "mnn_version": __version__, "config": config, **extra_metadata}
     return save_tensors(path, model.state_dict(), metadata)
 
 
@@ -112,12 +117,13 @@ def load_model(path):
     tensors, metadata = read_tensors(path)
     if "config" not in metadata:
         raise CheckpointError(f"{path}: not an mnn weights file (no 'config' in its metadata)")
-    decoded = {}
-    for key, value in metadata.items():
-        try:
-            decoded[key] = json.loads(value)
-        except (TypeError, ValueError):
-            decoded[key] = value
+    decoded = dict(metadata)
+    for key in JSON_METADATA:
+        if key in metadata:
+            try:
+                decoded[key] = json.loads(metadata[key])
+            except ValueError:
+                raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON") from None
     try:
         model = model_from_config(decoded["config"])
     except (TypeError, ValueError, KeyError) as error:

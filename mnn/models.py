@@ -47,7 +47,9 @@ class MLP(Sequential):
 
 def model_from_config(config: dict):
     """Rebuild a model (untrained) from the ``config`` saved beside its weights."""
-    kind = config.get("kind")
+    if not isinstance(config, dict):
+        raise ValueError(f"config must be a JSON object, got {type(config).__name__}")
+    kind = config.get("kind", "gpt" if "n_layer" in config else None)
     if kind == "mlp":
         keys = ("in_features", "hidden", "num_classes", "activation", "dropout", "seed")
         return MLP(**{k: config[k] for k in keys if k in config})
