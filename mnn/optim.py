@@ -462,7 +462,7 @@ def clip_grad_norm(grads, max_norm: float) -> float:
     below one:
 
     $$
-    c = \frac{\text{max\_norm}}{\lVert g \rVert + 10^{-6}}, \qquad
+    c = \frac{\mathrm{max\_norm}}{\lVert g \rVert + 10^{-6}}, \qquad
     g_k \leftarrow c\, g_k \quad \text{if } c < 1. \tag{2}
     $$
 

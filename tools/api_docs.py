@@ -1,0 +1,482 @@
+r"""Write mnn's API reference as Markdown that renders both on GitHub and in the MkDocs site.
+
+One page per public class of the mnn modules (``docs/api/<Class>.md``), an index
+(``docs/api/index.md``), the learning path, and the benchmark and reliability
+pages, all generated from the docstrings (read by griffe, never by parsing
+Python by hand) and from ``docs/gradcheck.json`` / ``docs/benchmarks.json`` /
+``docs/reliability.json``.
+
+Math: docstrings write ``$...$`` inline and ``$$`` display blocks on lines of
+their own. Display blocks become ```` ```math ```` fences (GitHub renders them
+reliably, backslashes untouched); inline math becomes ``$`...`$``, GitHub's
+form that keeps Markdown from touching the TeX. The site reads the same files:
+``tools/mkdocs_hooks.py`` turns ``$`...`$`` into arithmatex's ``$...$`` and a
+superfences custom fence turns ``math`` fences into arithmatex display blocks.
+
+The output is deterministic: regenerating gives identical bytes, and
+``tests/test_docs.py`` checks the committed files are up to date.
+
+Usage::
+
+    python tools/api_docs.py            # write into docs/
+    python tools/api_docs.py --check    # exit 1 and list stale files
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import griffe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, when run as a script
+from docstring_markdown import Formula, convert  # noqa: E402, F401 (convert: part of this tool's API)
+from table_pages import GENERATED_MARK, table_page  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = "mnn"
+# The modules documented, in reading order. Missing ones are skipped, so the
+# reference grows as the library does.
+MODULES = ["module", "layers", "losses", "optim", "schedules", "models", "transformer", "gpt", "gradcheck"]
+# Modules whose Module subclasses are layers/losses/models: their pages carry a
+# gradient-check line (from docs/gradcheck.json, see tools/gradcheck_report.py).
+GRADCHECKED_MODULES = {"layers", "losses", "models", "transformer", "gpt"}
+
+# The learning path: (title, candidate class names, why read it). The first
+# candidate that exists is linked; the others are listed beside it if they exist.
+LEARNING_PATH = [
+    ("The training loop", ["Module", "Sequential"],
+     "the contract every layer keeps: `forward` caches, `backward` accumulates, `zero_grad` once per step."),
+    ("Linear", ["Linear"], "the exemplar: element partials, the Jacobian, then three matrix products."),
+    ("ReLU", ["ReLU"], "a diagonal Jacobian, so the vector-Jacobian product is an element-wise mask."),
+    ("Mean squared error", ["MSELoss"], "the loss owns the batch mean; its gradient starts the backward pass."),
+    ("Negative log-likelihood", ["NLLLoss"], "integer labels, a scatter instead of a one-hot product."),
+    ("Cross-entropy", ["CrossEntropyLoss"], "log-softmax and NLL fused: $`(y - \\operatorname{onehot}(t))/N`$."),
+    ("Softmax and LogSoftmax", ["Softmax", "LogSoftmax"],
+     "the first full (non-diagonal) Jacobian, and how to apply it without building it."),
+    ("MatrixProduct", ["MatrixProduct"], "a layer with two inputs: both gradients from one upstream gradient."),
+    ("Attention", ["CausalSelfAttention", "SelfAttention", "MultiHeadAttention", "Attention"],
+     "scores, the causal mask, softmax over keys, and the backward through all of it."),
+    ("LayerNorm", ["LayerNorm"], "normalisation whose Jacobian couples every feature of a row."),
+    ("GELU", ["GELU"], "the tanh approximation and its derivative."),
+    ("The GPT", ["GPT", "GPTConfig", "transformer.Block", "transformer.MLP"], "the whole model: embeddings, blocks, tied head, one backward."),
+]
+
+
+# --------------------------------------------------------------------------
+# Reading the package with griffe
+# --------------------------------------------------------------------------
+PARSE_OPTIONS = dict(returns_multiple_items=False, returns_named_value=False,
+                     warn_unknown_params=False, warnings=False)
+
+
+def _parse(docstring) -> list:
+    if docstring is None:
+        return []
+    try:
+        return docstring.parse("google", **PARSE_OPTIONS)
+    except TypeError:  # an older griffe without some option
+        return docstring.parse("google")
+
+
+@dataclass
+class ClassDoc:
+    name: str
+    module: str             # "layers"
+    obj: object             # griffe Class
+    bases: list[str] = field(default_factory=list)
+    is_module_subclass: bool = False
+    page: str = ""          # the file stem under docs/api: the class name, or "module.Class" when two share a name
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+def load_package(root: Path = ROOT):
+    logging.getLogger("griffe").setLevel(logging.ERROR)
+    return griffe.load(PACKAGE, search_paths=[str(root)], docstring_parser="google",
+                       resolve_aliases=False, allow_inspection=False)
+
+
+def public_classes(package) -> list[ClassDoc]:
+    """Public classes of the documented modules, in module then source order.
+
+    Public: named in the module's ``__all__`` if it has one, else defined in
+    that module (not imported) with a name not starting with ``_``.
+    """
+    found = []
+    for module_name in MODULES:
+        if module_name not in package.members:
+            continue
+        module = package[module_name]
+        exports = _exports(module)
+        for name, member in module.members.items():
+            if member.is_alias or not member.is_class:
+                continue
+            if exports is not None and name not in exports:
+                continue
+            if exports is None and name.startswith("_"):
+                continue
+            try:
+                mro = [base.path for base in member.mro()]
+            except Exception:  # an unresolvable base (third-party class)
+                mro = []
+            bases = [getattr(base, "canonical_path", None) or str(base) for base in member.bases]
+            found.append(ClassDoc(name, module_name, member, bases, f"{PACKAGE}.module.Module" in mro))
+    found.sort(key=lambda c: (MODULES.index(c.module), c.obj.lineno or 0))
+    names = [c.name for c in found]
+    for c in found:
+        c.page = c.name if names.count(c.name) == 1 else c.key
+    return found
+
+
+def public_functions(module) -> list:
+    exports = _exports(module)
+    out = []
+    for name, member in module.members.items():
+        if member.is_alias or not member.is_function:
+            continue
+        if (exports is not None and name not in exports) or (exports is None and name.startswith("_")):
+            continue
+        out.append(member)
+    return sorted(out, key=lambda f: f.lineno or 0)
+
+
+def _exports(module):
+    exports = getattr(module, "exports", None)
+    if exports is None:
+        return None
+    return {str(e) if not hasattr(e, "name") else e.name for e in exports}
+
+
+def _format_parameters(parameters, skip_self: bool) -> list[str]:
+    parts, saw_keyword_only_marker = [], False
+    params = list(parameters)
+    if skip_self and params and params[0].name in ("self", "cls"):
+        params = params[1:]
+    for index, p in enumerate(params):
+        kind = p.kind.value if p.kind is not None else ""
+        if kind == "keyword-only" and not saw_keyword_only_marker:
+            parts.append("*")
+            saw_keyword_only_marker = True
+        if kind == "variadic positional":
+            saw_keyword_only_marker = True
+            text = f"*{p.name}"
+        elif kind == "variadic keyword":
+            text = f"**{p.name}"
+        else:
+            text = p.name
+        if p.annotation is not None:
+            text += f": {p.annotation}"
+        if p.default is not None and kind not in ("variadic positional", "variadic keyword"):
+            text += f" = {p.default}" if p.annotation is not None else f"={p.default}"
+        parts.append(text)
+        if kind == "positional-only" and (index + 1 == len(params) or params[index + 1].kind.value != "positional-only"):
+            parts.append("/")
+    return parts
+
+
+def _signature(prefix: str, name: str, parameters: list[str], returns: str | None = None) -> str:
+    one_line = f"{prefix}{name}({', '.join(parameters)})" + (f" -> {returns}" if returns else "")
+    if len(one_line) <= 88:
+        return one_line
+    inner = "".join(f"    {p},\n" for p in parameters)
+    return f"{prefix}{name}(\n{inner})" + (f" -> {returns}" if returns else "")
+
+
+def class_signature(cls) -> str:
+    init = cls.members.get("__init__")
+    params = _format_parameters(init.parameters, skip_self=True) if init is not None and not init.is_alias else []
+    return _signature("class ", cls.name, params)
+
+
+def function_signature(function, method: bool) -> str:
+    params = _format_parameters(function.parameters, skip_self=method)
+    returns = str(function.returns) if function.returns is not None else None
+    return _signature("def ", function.name, params, returns)
+
+
+# --------------------------------------------------------------------------
+# Rendering pages
+# --------------------------------------------------------------------------
+class Renderer:
+    def __init__(self, root: Path, classes: list[ClassDoc], gradchecks: dict):
+        self.root = root
+        self.classes = classes
+        self.qualified = {f"{PACKAGE}.{c.key}": c.page for c in classes}
+        self.short: dict[str, str] = {}
+        for c in classes:  # a short name shared by two classes links to the first documented
+            self.short.setdefault(c.name, c.page)
+        self.pages = set(self.short)
+        self.gradchecks = gradchecks
+        self.formulas: dict[str, list[Formula]] = {}
+
+    # links ---------------------------------------------------------------
+    def link_from_api(self, target: str, short: str) -> str:
+        parts = target.split(".")
+        for end in range(len(parts), 0, -1):
+            page = self.qualified.get(".".join(parts[:end]))
+            if page:
+                return f"[`{short}`]({page}.md)"
+        for part in parts:
+            if part in self.short:
+                return f"[`{short}`]({self.short[part]}.md)"
+        return f"`{short}`"
+
+    def source_link(self, obj, from_dir: str = "api") -> str:
+        path = obj.relative_package_filepath if hasattr(obj, "relative_package_filepath") else None
+        relative = Path(PACKAGE) / Path(str(path)).relative_to(PACKAGE) if path else obj.relative_filepath
+        relative = Path(str(relative)).as_posix()
+        up = "../" * (len(Path(from_dir).parts) + 1)
+        return f"[`{relative}#L{obj.lineno}`]({up}{relative}#L{obj.lineno})"
+
+    def resolve(self, name: str) -> str | None:
+        """The page of ``Class`` or ``module.Class``, or None."""
+        return self.qualified.get(f"{PACKAGE}.{name}") if "." in name else self.short.get(name)
+
+    # docstrings ------------------------------------------------------------
+    def docstring(self, obj, owner: str, level: int) -> str:
+        """Render a griffe docstring; collect its formulas under ``owner``."""
+        collected = self.formulas.setdefault(owner, [])
+        blocks = []
+        heading = "#" * level
+        for section in _parse(obj.docstring):
+            kind = section.kind.value
+            if kind == "text":
+                md, found = convert(section.value, self.link_from_api)
+                collected.extend(found)
+                blocks.append(md)
+            elif kind in ("parameters", "other parameters", "attributes", "receives"):
+                title = {"parameters": "Arguments", "other parameters": "Other arguments",
+                         "attributes": "Attributes", "receives": "Receives"}[kind]
+                blocks.append(f"{heading} {title}\n\n" + self._items(section.value, collected, named=True))
+            elif kind in ("returns", "yields", "raises", "warns"):
+                title = kind.capitalize()
+                blocks.append(f"{heading} {title}\n\n" + self._items(section.value, collected, named=kind not in ("returns", "yields")))
+            elif kind == "examples":
+                parts = []
+                for sub_kind, value in section.value:
+                    if getattr(sub_kind, "value", sub_kind) == "examples":
+                        parts.append("```pycon\n" + value.rstrip() + "\n```")
+                    else:
+                        md, found = convert(value, self.link_from_api)
+                        collected.extend(found)
+                        parts.append(md)
+                blocks.append(f"{heading} Examples\n\n" + "\n\n".join(parts))
+            elif kind == "admonition":
+                md, found = convert(section.value.contents, self.link_from_api)
+                collected.extend(found)
+                title = section.title or section.value.annotation or "Note"
+                blocks.append(f"**{title}.** " + md)
+            else:  # deprecated, functions, classes, modules: keep their text
+                value = getattr(section.value, "description", None) or str(section.value)
+                md, found = convert(value, self.link_from_api)
+                collected.extend(found)
+                blocks.append(md)
+        return "\n\n".join(b for b in blocks if b.strip())
+
+    def _items(self, items, collected: list[Formula], named: bool) -> str:
+        lines = []
+        for item in items:
+            md, found = convert(item.description or "", self.link_from_api)
+            collected.extend(found)
+            annotation = f"`{item.annotation}`" if item.annotation is not None else ""
+            head = []
+            if named and getattr(item, "name", None):
+                head.append(f"**`{item.name}`**")
+            if annotation:
+                head.append(f"({annotation})" if head else annotation)
+            prefix = " ".join(head)
+            first, *rest = md.split("\n") if md else [""]
+            text = f"- {prefix}: {first}" if prefix and first else f"- {prefix or first}"
+            lines.append(text)
+            lines.extend(("  " + r) if r.strip() else "" for r in rest)
+        return "\n".join(lines)
+
+    # pages ---------------------------------------------------------------
+    def gradcheck_line(self, doc: ClassDoc) -> str | None:
+        entry = self.gradchecks.get(doc.key)
+        if entry is not None:
+            tensors = sorted(entry["errors"])
+            names = (", ".join(f"`{k}`" for k in tensors) if len(tensors) <= 4
+                     else f"{len(tensors)} tensors (every floating input and parameter)")
+            return (f"> **Gradient check:** max relative error {entry['max_rel_error']:.1e} "
+                    f"(float64, central differences) over {names}; case `{entry['case']}`, "
+                    f"measured by [`tools/gradcheck_report.py`](../../tools/gradcheck_report.py).")
+        if doc.is_module_subclass and doc.module in GRADCHECKED_MODULES:
+            return ("> **Gradient check:** not measured yet: add a case to "
+                    "[`tools/gradcheck_report.py`](../../tools/gradcheck_report.py).")
+        return None
+
+    def class_page(self, doc: ClassDoc) -> str:
+        cls = doc.obj
+        self.formulas[doc.page] = []
+        out = [GENERATED_MARK, f"<!-- module: {PACKAGE}.{doc.module} -->", "", f"# {doc.name}", ""]
+        out += ["```python", class_signature(cls), "```", ""]
+        base_links = ", ".join(self.link_from_api(b, b.split(".")[-1]) for b in doc.bases)
+        meta = f"`{PACKAGE}.{doc.module}.{doc.name}`, defined at {self.source_link(cls)}"
+        if base_links:
+            meta += f"; subclass of {base_links}"
+        out += [meta + ".", ""]
+        line = self.gradcheck_line(doc)
+        if line:
+            out += [line, ""]
+        body = self.docstring(cls, doc.page, level=2)
+        if body:
+            out += [body, ""]
+        # forward/backward always (their derivation is the class docstring); any
+        # other public method when it has a docstring of its own.
+        methods = [m for name, m in cls.members.items()
+                   if not m.is_alias and m.is_function and (not name.startswith("_") or name == "__call__")
+                   and (name in ("forward", "backward") or m.docstring is not None)]
+        methods.sort(key=lambda m: m.lineno or 0)
+        if methods:
+            out += ["## Methods", ""]
+            for method in methods:
+                out += [f"### `{method.name}`", "", "```python", function_signature(method, method=True), "```", ""]
+                out += [f"Defined at {self.source_link(method)}.", ""]
+                text = self.docstring(method, doc.page, level=4)
+                if text:
+                    out += [text, ""]
+        return "\n".join(out).rstrip("\n") + "\n"
+
+    def index_page(self, package) -> str:
+        out = [GENERATED_MARK, "", "# API reference", "",
+               "Every public class of mnn, one page each, generated from its docstring. "
+               "Each layer and loss states its forward pass, the element-wise partial derivatives, "
+               "the Jacobian, and the vector-Jacobian product its `backward` computes; "
+               "the gradient-check line on its page is measured, not claimed.", ""]
+        self.formulas["index"] = []
+        for module_name in MODULES:
+            if module_name not in package.members:
+                continue
+            module = package[module_name]
+            out += [f"## `{PACKAGE}.{module_name}`", ""]
+            if module.docstring is not None:
+                md, found = convert(module.docstring.value, self.link_from_api)
+                self.formulas["index"].extend(found)
+                out += [md, ""]
+            classes = [c for c in self.classes if c.module == module_name]
+            if classes:
+                out += ["Classes:", ""]
+                for c in classes:
+                    summary = c.obj.docstring.value.split("\n\n")[0] if c.obj.docstring else ""
+                    md, found = convert(summary.replace("\n", " "), self.link_from_api)
+                    self.formulas["index"].extend(found)
+                    out.append(f"- [`{c.name}`]({c.page}.md): {md}" if md else f"- [`{c.name}`]({c.page}.md)")
+                out.append("")
+            functions = public_functions(module)
+            for function in functions:
+                out += [f"### `{PACKAGE}.{module_name}.{function.name}`", "",
+                        "```python", function_signature(function, method=False), "```", "",
+                        f"Defined at {self.source_link(function)}.", ""]
+                text = self.docstring(function, "index", level=4)
+                if text:
+                    out += [text, ""]
+        return "\n".join(out).rstrip("\n") + "\n"
+
+    def learning_path(self) -> str:
+        out = [GENERATED_MARK, "", "# Learning path", "",
+               "Read mnn in this order. Each step is one page of the API reference: the forward pass, "
+               "the partial derivatives, the Jacobian, and the product `backward` computes, with the "
+               "code line that implements each numbered equation cited as `# Eq. (n)`.", "",
+               "Before the first step, run the loop itself: `make run` trains the MLP on Fashion-MNIST. "
+               "One training step is, in every model of mnn (see `mnn/train_mlp.py`):", "",
+               "```python",
+               "optimizer.zero_grad()                # gradients accumulate, so clear them once per step",
+               "loss = loss_fn.forward(model.forward(x), y)",
+               "model.backward(loss_fn.backward())   # each layer: read its cache, add to its grads, return dx",
+               "optimizer.step()                     # update every parameter from its gradient",
+               "```", ""]
+        self.formulas["learning-path"] = []
+        for number, (title, candidates, why) in enumerate(LEARNING_PATH, start=1):
+            present = [(c.split(".")[-1], self.resolve(c)) for c in candidates if self.resolve(c)]
+            md, found = convert(why)
+            self.formulas["learning-path"].extend(found)
+            if present:
+                links = ", ".join(f"[`{name}`](api/{page}.md)" for name, page in present)
+                out.append(f"{number}. **{title}**: {links}. {md[0].upper() + md[1:]}")
+            else:
+                out.append(f"{number}. **{title}** (not written yet: {', '.join(f'`{c}`' for c in candidates[:1])}). "
+                           f"{md[0].upper() + md[1:]}")
+        out += ["", "Every derivation is checked twice: a float64 finite-difference gradient check "
+                "(its measured error is on each page) and a comparison with PyTorch in `tests/`.", ""]
+        return "\n".join(out).rstrip("\n") + "\n"
+
+
+# --------------------------------------------------------------------------
+# The whole reference
+# --------------------------------------------------------------------------
+def load_gradchecks(docs: Path) -> dict:
+    path = docs / "gradcheck.json"
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())["classes"]
+
+
+def generate(root: Path = ROOT) -> tuple[dict[str, str], dict[str, list[Formula]]]:
+    """Every generated file (path relative to ``docs/`` -> text) and the formulas of each page."""
+    docs = root / "docs"
+    package = load_package(root)
+    classes = public_classes(package)
+    renderer = Renderer(root, classes, load_gradchecks(docs))
+    files = {f"api/{c.page}.md": renderer.class_page(c) for c in classes}
+    files["api/index.md"] = renderer.index_page(package)
+    files["learning-path.md"] = renderer.learning_path()
+    files["benchmarks.md"] = table_page(
+        "Benchmarks", "Speed and accuracy of mnn's models, measured on the machine named below.",
+        docs / "benchmarks.json", "the benchmark scripts write it when they are run.")
+    files["reliability.md"] = table_page(
+        "Reliability", "How often training reaches its target, over repeated seeded runs.",
+        docs / "reliability.json", "the reliability runs write it when they are run.")
+    return files, renderer.formulas
+
+
+def stale_files(root: Path = ROOT) -> list[str]:
+    """Generated files that differ from what is on disk, or that should no longer exist."""
+    files, _ = generate(root)
+    docs = root / "docs"
+    stale = [p for p, text in sorted(files.items()) if not (docs / p).exists() or (docs / p).read_text() != text]
+    for path in sorted((docs / "api").glob("*.md")):
+        if f"api/{path.name}" not in files:
+            stale.append(f"api/{path.name}")
+    return stale
+
+
+def write(root: Path = ROOT) -> list[str]:
+    files, _ = generate(root)
+    docs = root / "docs"
+    (docs / "api").mkdir(parents=True, exist_ok=True)
+    for path in sorted((docs / "api").glob("*.md")):
+        if f"api/{path.name}" not in files:
+            path.unlink()
+    changed = []
+    for relative, text in sorted(files.items()):
+        path = docs / relative
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+            changed.append(relative)
+    return changed
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="list stale generated files and exit 1 if any")
+    args = parser.parse_args(argv)
+    if args.check:
+        stale = stale_files()
+        for path in stale:
+            print(f"stale: docs/{path}")
+        return 1 if stale else 0
+    changed = write()
+    print(f"api_docs: {len(changed)} file(s) updated" + (": " + ", ".join(changed) if changed else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+r"""Measure every layer's and loss's gradient check, for the "Gradient check" line of its docs page.
+
+Each case below builds one class with small float64 inputs and runs
+:func:`mnn.gradcheck` (central differences, $\epsilon = 10^{-6}$). The
+largest relative error over the inputs and parameters is written to
+``docs/gradcheck.json``; ``tools/api_docs.py`` puts it on the class's page and
+``tests/test_docs.py`` re-measures it (every error must be at most 1e-7).
+
+A new layer or loss needs a case here: the test lists the Module subclasses of
+the documented modules that have none. Cases whose class does not exist (yet)
+are skipped, so this file may run ahead of the library.
+
+Usage::
+
+    python tools/gradcheck_report.py            # write docs/gradcheck.json
+    python tools/gradcheck_report.py --print    # print, write nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+OUTPUT = ROOT / "docs" / "gradcheck.json"
+EPS = 1e-6
+TOLERANCE = 1e-7
+
+
+def normal(rng, *shape):
+    return rng.standard_normal(shape)
+
+
+def away_from_zero(rng, *shape, margin: float = 0.1):
+    """Normal values pushed at least ``margin`` from 0 (a kink must not lie within eps of an input)."""
+    x = rng.standard_normal(shape)
+    return numpy.sign(x) * (margin + numpy.abs(x))
+
+
+def positive(rng, *shape):
+    return rng.uniform(0.5, 2.0, shape)
+
+
+def labels(rng, classes, *shape):
+    return rng.integers(0, classes, shape)
+
+
+@dataclass
+class Case:
+    """``build(module, rng)`` -> layer; ``inputs(rng)`` -> tuple of numpy arrays; ``text`` describes it."""
+    text: str
+    build: Callable
+    inputs: Callable
+    reseed: bool = False  # reset ``layer.rng`` before every forward (Dropout's mask)
+
+
+# "module.Class" -> the case. Shapes are small so every case runs in well under a second.
+CASES: dict[str, Case] = {
+    "layers.Linear": Case("Linear(4, 3), x (2, 3, 4)",
+                          lambda m, rng: m.Linear(4, 3, rng=rng), lambda rng: (normal(rng, 2, 3, 4),)),
+    "layers.ReLU": Case("ReLU(), x (3, 5), |x| >= 0.1", lambda m, rng: m.ReLU(), lambda rng: (away_from_zero(rng, 3, 5),)),
+    "layers.Sigmoid": Case("Sigmoid(), x (3, 5)", lambda m, rng: m.Sigmoid(), lambda rng: (normal(rng, 3, 5),)),
+    "layers.Tanh": Case("Tanh(), x (3, 5)", lambda m, rng: m.Tanh(), lambda rng: (normal(rng, 3, 5),)),
+    "layers.Log": Case("Log(), x (3, 5) in [0.5, 2]", lambda m, rng: m.Log(), lambda rng: (positive(rng, 3, 5),)),
+    "layers.Softmax": Case("Softmax(), x (2, 3, 5)", lambda m, rng: m.Softmax(), lambda rng: (normal(rng, 2, 3, 5),)),
+    "layers.LogSoftmax": Case("LogSoftmax(), x (2, 3, 5)", lambda m, rng: m.LogSoftmax(),
+                              lambda rng: (normal(rng, 2, 3, 5),)),
+    "layers.Dropout": Case("Dropout(0.3), x (4, 5), fixed mask", lambda m, rng: m.Dropout(0.3, rng=rng),
+                           lambda rng: (normal(rng, 4, 5),), reseed=True),
+    "layers.MatrixProduct": Case("MatrixProduct(), Q (2, 3, 4), P (2, 4, 5)", lambda m, rng: m.MatrixProduct(),
+                                 lambda rng: (normal(rng, 2, 3, 4), normal(rng, 2, 4, 5))),
+    "losses.MSELoss": Case("MSELoss(), prediction and target (4, 3)", lambda m, rng: m.MSELoss(),
+                           lambda rng: (normal(rng, 4, 3), normal(rng, 4, 3))),
+    "losses.NLLLoss": Case("NLLLoss(), log-probabilities (2, 3, 5), labels (2, 3)", lambda m, rng: m.NLLLoss(),
+                           lambda rng: (normal(rng, 2, 3, 5), labels(rng, 5, 2, 3))),
+    "losses.CrossEntropyLoss": Case("CrossEntropyLoss(), logits (2, 3, 5), labels (2, 3)",
+                                    lambda m, rng: m.CrossEntropyLoss(),
+                                    lambda rng: (normal(rng, 2, 3, 5), labels(rng, 5, 2, 3))),
+    "models.MLP": Case("MLP(4, hidden=(5,), num_classes=3), x (3, 4)",
+                       lambda m, rng: m.MLP(4, hidden=(5,), num_classes=3, seed=0),
+                       lambda rng: (away_from_zero(rng, 3, 4),)),
+    "transformer.Embedding": Case("Embedding(7, 4), ids (2, 3)", lambda m, rng: m.Embedding(7, 4, rng=rng),
+                                  lambda rng: (labels(rng, 7, 2, 3),)),
+    "transformer.LayerNorm": Case("LayerNorm(4), x (2, 3, 4)", lambda m, rng: m.LayerNorm(4),
+                                  lambda rng: (normal(rng, 2, 3, 4),)),
+    "transformer.GELU": Case("GELU(), x (3, 5)", lambda m, rng: m.GELU(), lambda rng: (normal(rng, 3, 5),)),
+    "transformer.MultiHeadAttention": Case("MultiHeadAttention(4, 2), causal, x (2, 3, 4)",
+                                           lambda m, rng: m.MultiHeadAttention(4, 2, rng=rng),
+                                           lambda rng: (normal(rng, 2, 3, 4),)),
+    "transformer.MLP": Case("MLP(4), x (2, 3, 4)", lambda m, rng: m.MLP(4, rng=rng), lambda rng: (normal(rng, 2, 3, 4),)),
+    "transformer.Block": Case("Block(4, 2), causal, x (2, 3, 4)", lambda m, rng: m.Block(4, 2, rng=rng),
+                              lambda rng: (normal(rng, 2, 3, 4),)),
+}
+
+
+def _gpt_case() -> Case:
+    def build(m, rng):
+        config = m.GPTConfig(block_size=4, vocab_size=7, n_layer=1, n_head=2, n_embd=4, dropout=0.0)
+        return m.GPT(config, rng=rng) if "rng" in m.GPT.__init__.__code__.co_varnames else m.GPT(config)
+    return Case("GPT(block_size=4, vocab_size=7, n_layer=1, n_head=2, n_embd=4), ids (2, 3)",
+                build, lambda rng: (labels(rng, 7, 2, 3),))
+
+
+CASES["gpt.GPT"] = _gpt_case()
+
+
+def measure(names: list[str] | None = None) -> dict:
+    """Run the cases whose class exists; return ``{"module.Class": {...}}`` sorted by name."""
+    from mnn import backend, gradcheck
+
+    previous = backend.default_dtype()
+    backend.set_default_dtype(numpy.float64)
+    results = {}
+    try:
+        for name in sorted(names if names is not None else CASES):
+            module_name, class_name = name.split(".")
+            try:
+                module = importlib.import_module(f"mnn.{module_name}")
+            except ImportError:
+                continue
+            if not hasattr(module, class_name):
+                continue
+            case = CASES[name]
+            rng = numpy.random.default_rng(0)
+            layer = case.build(module, rng)
+            inputs = tuple(backend.xp.asarray(x) for x in case.inputs(numpy.random.default_rng(1)))
+
+            def reseed(layer=layer):
+                layer.rng = numpy.random.default_rng(2)
+
+            errors = gradcheck(layer, inputs, eps=EPS, tol=TOLERANCE, seed=0,
+                               before_forward=reseed if case.reseed else None, raise_on_failure=False)
+            results[name] = {
+                "case": case.text,
+                "errors": {k: float(f"{v:.2e}") for k, v in sorted(errors.items())},
+                "max_rel_error": float(f"{max(errors.values(), default=0.0):.2e}"),
+            }
+    finally:
+        backend.set_default_dtype(previous)
+    return results
+
+
+def report(results: dict) -> dict:
+    return {
+        "about": "max relative error of mnn.gradcheck per class: float64, central differences; "
+                 "written by tools/gradcheck_report.py",
+        "eps": EPS,
+        "tolerance": TOLERANCE,
+        "classes": results,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--print", action="store_true", help="print the results, write nothing")
+    args = parser.parse_args(argv)
+    results = measure()
+    for name, entry in results.items():
+        flag = "" if entry["max_rel_error"] <= TOLERANCE else "   <-- above tolerance"
+        print(f"{name:34s} {entry['max_rel_error']:.1e}{flag}")
+    if not args.print:
+        OUTPUT.parent.mkdir(parents=True, exist_ok=True)
+        OUTPUT.write_text(json.dumps(report(results), indent=2, sort_keys=True) + "\n")
+        print(f"wrote {OUTPUT.relative_to(ROOT)}")
+    return 0 if all(e["max_rel_error"] <= TOLERANCE for e in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
