@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -11,13 +12,23 @@ import numpy
 
 from mnn.backend import asarray
 from mnn.data import CharTokenizer, load_text, random_windows, split_train_val, tiny_shakespeare_path
-from mnn.errors import DataError, TrainingError
+from mnn.checkpoint import (
+    CHECKPOINT_NAME,
+    WEIGHTS_NAME,
+    finite_or_none,
+    model_generators,
+    read_checkpoint,
+    restore,
+    save_checkpoint,
+    weights_finite,
+)
+from mnn.errors import CheckpointError, DataError, TrainingError
 from mnn.gpt import GPT, GPTConfig
 from mnn.io import load_model, save_model
 from mnn.losses import CrossEntropyLoss
 from mnn.optim import AdamW, clip_grad_norm, param_groups
 from mnn.schedules import WarmupCosine
-from mnn.training import History, StepTimer, log, progress_bar
+from mnn.training import History, StepTimer, StopRequest, log, progress_bar, resume_command
 
 
 @dataclass
@@ -46,6 +57,8 @@ class GPTTrainConfig:
     eval_iters: int = 200
     log_interval: int = 50
     seed: int = 1337
+    checkpoint_interval: int | None = None  # iterations between extra checkpoints (one is saved at every eval)
+    skip_nonfinite: bool = False  # skip a step whose loss or gradient norm is NaN/inf instead of stopping
 
 
 PRESETS = {
@@ -84,12 +97,37 @@ def estimate_loss(model, loss_fn, splits: dict, config: GPTTrainConfig, rng) -> 
     return losses
 
 
-def train_gpt(config: GPTTrainConfig) -> dict:
+def check_config(config: GPTTrainConfig) -> None:
+    """Refuse impossible options before any data is read (the CLI checks types; this checks combinations)."""
+    for name in ("block_size", "n_layer", "n_head", "n_embd", "batch_size", "max_iters", "eval_interval",
+                 "eval_iters", "log_interval"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if config.n_embd % config.n_head:
+        raise ValueError(f"n_embd {config.n_embd} must be divisible by n_head {config.n_head}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
+
+
+def train_gpt(config: GPTTrainConfig, resume=None) -> dict:
     """Train with AdamW, warm-up + cosine, clipping; keep the best-val weights in ``config.out``.
 
+    A full checkpoint (``checkpoint.safetensors``: weights, AdamW moments,
+    iteration, the batch, evaluation and dropout generators, history) is
+    written after every evaluation, every ``checkpoint_interval`` iterations
+    if set, and when SIGINT or SIGTERM arrives; then the run stops cleanly
+    and ``train_gpt(config, resume=config.out)`` continues it exactly.
+
+    A non-finite loss or gradient norm stops the run with
+    :class:`TrainingError` (the checkpoints are kept), or the step is skipped
+    with ``skip_nonfinite``.
+
     Returns:
-        ``{"best_val": ..., "train": ..., "val": ..., "iters": ...}``.
+        ``{"best_val": ..., "train": ..., "val": ..., "iters": ...}``, and
+        ``"interrupted": True`` when a signal stopped the run.
     """
+    check_config(config)
     tokenizer, train_ids, val_ids = prepare_text(tiny_shakespeare_path(config.data))
     for name, ids in [("train", train_ids), ("val", val_ids)]:
         if len(ids) <= config.block_size:
@@ -106,51 +144,109 @@ def train_gpt(config: GPTTrainConfig) -> dict:
                             config.lr_decay_iters or config.max_iters)
     batch_rng = numpy.random.default_rng([config.seed, 1])
     eval_rng = numpy.random.default_rng([config.seed, 2])
+    generators = {"batch": batch_rng, "eval": eval_rng, **model_generators(model)}
     out = Path(config.out)
+    checkpoint_path = out / CHECKPOINT_NAME
     history = History()
+    best_val, last, start, evaluated, step_ms, saved_step = math.inf, {}, 0, False, 0.0, None
+    if resume is not None:
+        resumed = Path(resume) / CHECKPOINT_NAME
+        tensors, metadata = read_checkpoint(resumed)
+        if metadata.get("vocab") != tokenizer.vocab:
+            raise CheckpointError(f"{resumed}: the text's characters differ from the checkpoint's vocabulary "
+                                  "(was --data changed?)")
+        restore(tensors, metadata, resumed, model, optimizer, generators)
+        state = metadata["state"]
+        start, evaluated, last = metadata["step"], state["evaluated"], state["last"]
+        best_val = math.inf if state["best_val"] is None else state["best_val"]
+        history, saved_step = History(state["history"]), start
+        optimizer.lr = state["lr"]
+        log(f"resumed from {resumed} at step {start}")
     log(f"gpt {model_config.n_layer}x{model_config.n_embd} ({model.num_parameters():,} parameters), "
         f"vocab {tokenizer.vocab_size}, {len(train_ids):,} train / {len(val_ids):,} val characters")
 
-    best_val, last = math.inf, {}
-    bar = progress_bar(config.max_iters, description="train")
+    def save_checkpoint_at(it: int, evaluated_here: bool) -> None:
+        nonlocal saved_step
+        state = {"evaluated": evaluated_here, "last": last, "lr": optimizer.lr,  # no timings: runs must match
+                 "best_val": finite_or_none(best_val), "history": history.rows}
+        save_checkpoint(checkpoint_path, model, optimizer, generators, dataclasses.asdict(config), it, state,
+                        vocab=tokenizer.vocab)
+        saved_step = it
+
+    def kept_message() -> str:
+        if saved_step is None:
+            return "nothing was saved yet"
+        return (f"the last checkpoint (step {saved_step}) is kept in {checkpoint_path}, the best weights "
+                f"(val {best_val:.4f}) in {out / WEIGHTS_NAME}; resume with: {resume_command('gpt', out)}")
+
+    bar = progress_bar(config.max_iters, initial=start, description="train")
     timer = StepTimer()
-    step_ms = 0.0
-    for it in range(config.max_iters + 1):
-        if it % config.eval_interval == 0 or it == config.max_iters:
-            started = time.perf_counter()
-            last = estimate_loss(model, loss_fn, {"train": train_ids, "val": val_ids}, config, eval_rng)
-            timer.start += time.perf_counter() - started  # evaluation does not count as step time
-            step_ms = timer.read_ms() if it else 0.0
-            log(f"step {it} | train {last['train']:.4f} | val {last['val']:.4f} | "
-                f"lr {optimizer.lr:.1e} | {step_ms:.1f} ms/step", bar)
-            history.add(step=it, train=last["train"], val=last["val"], lr=optimizer.lr)
-            if last["val"] < best_val:
-                best_val = last["val"]
-                save_model(out / "model.safetensors", model, vocab=tokenizer.vocab, step=str(it))
-        if it == config.max_iters:
-            break
-        optimizer.lr = schedule(it)
-        x, y = random_windows(train_ids, config.block_size, config.batch_size, batch_rng)
-        optimizer.zero_grad()
-        loss = loss_fn.forward(model.forward(asarray(x)), asarray(y))
-        model.backward(loss_fn.backward())
-        clip_grad_norm(model.named_grads(), config.grad_clip)
-        loss_value = float(loss)
-        if not math.isfinite(loss_value):
-            raise TrainingError(f"loss became {loss_value} at step {it}; the best weights so far "
-                                f"(val {best_val:.4f}) are kept in {out / 'model.safetensors'}")
-        optimizer.step()
-        timer.tick()
-        if bar is not None:
-            bar.update(1)
-        if (it + 1) % config.log_interval == 0 and (it + 1) % config.eval_interval != 0:
-            history.add(step=it + 1, loss=loss_value, lr=optimizer.lr)
+    interval = config.checkpoint_interval
+    with StopRequest() as stop:
+        for it in range(start, config.max_iters + 1):
+            evaluated_here = it == start and evaluated
+            if stop.requested:  # the signal came during the last step: save before anything else
+                save_checkpoint_at(it, evaluated_here)
+                break
+            if (it % config.eval_interval == 0 or it == config.max_iters) and not evaluated_here:
+                started = time.perf_counter()
+                last = estimate_loss(model, loss_fn, {"train": train_ids, "val": val_ids}, config, eval_rng)
+                timer.start += time.perf_counter() - started  # evaluation does not count as step time
+                step_ms = timer.read_ms() if it else 0.0
+                log(f"step {it} | train {last['train']:.4f} | val {last['val']:.4f} | "
+                    f"lr {optimizer.lr:.1e} | {step_ms:.1f} ms/step", bar)
+                history.add(step=it, train=last["train"], val=last["val"], lr=optimizer.lr)
+                if not (math.isfinite(last["train"]) and math.isfinite(last["val"])):
+                    raise TrainingError(f"the evaluated loss is {last['train']} (train) / {last['val']} (val) at "
+                                        f"step {it}: the model is broken, training stopped; "
+                                        f"{kept_message()}. Lower the learning rate")
+                if last["val"] < best_val:
+                    best_val = last["val"]
+                    save_model(out / WEIGHTS_NAME, model, vocab=tokenizer.vocab, step=str(it))
+                evaluated_here = True
+                save_checkpoint_at(it, True)
+            if stop.requested and saved_step != it:
+                save_checkpoint_at(it, evaluated_here)
+            if it == config.max_iters or stop.requested:
+                break
+            optimizer.lr = schedule(it)
+            x, y = random_windows(train_ids, config.block_size, config.batch_size, batch_rng)
+            optimizer.zero_grad()
+            loss = loss_fn.forward(model.forward(asarray(x)), asarray(y))
+            loss_value = float(loss)
+            norm = math.nan
+            if math.isfinite(loss_value):
+                model.backward(loss_fn.backward())
+                norm = clip_grad_norm(model.named_grads(), config.grad_clip)
+            if not math.isfinite(loss_value) or not math.isfinite(norm):
+                what, value = ("loss", loss_value) if not math.isfinite(loss_value) else ("gradient norm", norm)
+                if not config.skip_nonfinite or not weights_finite(model):
+                    hint = "" if config.skip_nonfinite else ", or pass --skip-nonfinite to skip such steps"
+                    raise TrainingError(f"{what} became {value} at step {it}: training stopped; {kept_message()}. "
+                                        f"Lower the learning rate{hint}")
+                log(f"step {it} | {what} {value}: step skipped", bar)
+                loss_fn.cache = None
+            else:
+                optimizer.step()
+            timer.tick()
+            if bar is not None:
+                bar.update(1)
+            if (it + 1) % config.log_interval == 0 and (it + 1) % config.eval_interval != 0:
+                history.add(step=it + 1, loss=loss_value, lr=optimizer.lr)
+            if interval and (it + 1) % interval == 0:
+                save_checkpoint_at(it + 1, False)
     if bar is not None:
         bar.close()
 
     history.write(out)
     history.plot(out / "loss.png", ["loss", "train", "val"], "GPT on " + Path(config.data or "tiny shakespeare").name)
-    log(f"best val {best_val:.4f}; weights in {out / 'model.safetensors'}")
+    if stop.requested and saved_step < config.max_iters:
+        log(f"stopped by {stop.signal_name} at step {saved_step} of {config.max_iters}: checkpoint saved in "
+            f"{checkpoint_path}")
+        log(f"resume with: {resume_command('gpt', out)}")
+        return {"best_val": best_val, "train": last.get("train"), "val": last.get("val"), "iters": saved_step,
+                "ms_per_step": step_ms, "interrupted": True}
+    log(f"best val {best_val:.4f}; weights in {out / WEIGHTS_NAME}")
     return {"best_val": best_val, "train": last["train"], "val": last["val"], "iters": config.max_iters,
             "ms_per_step": step_ms}
 
