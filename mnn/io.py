@@ -7,6 +7,15 @@ Writes are atomic: a temporary file in the same folder is written, flushed,
 fsync'd and renamed over the old one, so a crash or a full disk never leaves
 half a file where a good one was.
 
+Why mnn lays out the bytes itself instead of calling ``safetensors.numpy.save``:
+that writer stores ``__metadata__`` from a hash map, in a different order on
+every call, so two saves of the same run would differ byte for byte and a
+resumed run could not be checked bitwise against a straight one. The layout
+written here is the safetensors format exactly (8-byte header length, JSON
+header, aligned little-endian data), and the tests read every kind of file mnn
+writes back with ``safetensors.numpy.load_file`` and
+``safetensors.torch.load_file`` and compare every tensor.
+
 Reading never executes anything: :func:`parse_safetensors` checks the
 8-byte header length, the JSON header, every tensor's dtype, shape and byte
 range (in bounds, the exact size, no overlaps or gaps) before it copies a

@@ -192,3 +192,28 @@ def test_export_then_import_round_trips_exactly(tmp_path):
     assert back.config == model.config and math.isfinite(float(mnn_logits(back, ids()[:, :8] % 11).sum()))
     for (name, a), (_, b) in zip(model.named_parameters(), back.named_parameters()):
         assert np.array_equal(a, b), name
+
+
+def test_the_safetensors_library_reads_every_file_mnn_writes(tmp_path):
+    """mnn writes the bytes itself (deterministic metadata order); the reference reader must agree."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    from safetensors import safe_open
+
+    from mnn.io import read_tensors, save_tensors
+
+    rng = np.random.default_rng(0)
+    tensors = {"a.weight": rng.standard_normal((3, 4)).astype(np.float32), "b": np.arange(5, dtype=np.int64),
+               "step": np.array(7, dtype=np.int64), "half": rng.standard_normal(6).astype(np.float16),
+               "c.bias": rng.standard_normal(2)}
+    path = save_tensors(tmp_path / "x.safetensors", tensors, {"format": "pt", "config": {"n": 1}})
+    theirs = safetensors_numpy.load_file(str(path))
+    ours, metadata = read_tensors(path)
+    assert set(theirs) == set(tensors) == set(ours)
+    for name, array in tensors.items():
+        assert theirs[name].dtype == array.dtype and theirs[name].shape == array.shape
+        np.testing.assert_array_equal(theirs[name], array)
+        np.testing.assert_array_equal(ours[name], array)
+    with safe_open(str(path), framework="np") as file:
+        assert file.metadata()["config"] == '{"n": 1}' == metadata["config"]
+    assert path.read_bytes() == save_tensors(tmp_path / "y.safetensors", tensors,
+                                             {"format": "pt", "config": {"n": 1}}).read_bytes()
