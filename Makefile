@@ -67,5 +67,8 @@ chromium:
 	  echo "chromium not found and cannot apt-get it: the docs rendering tests will fail"; \
 	fi
 
+bench: $(VENV)/.installed-test           ## mnn vs PyTorch side by side: benchmarks/results.json and results.png
+	$(PY) -m benchmarks.compare
+
 clean:
 	rm -rf $(VENV) runs site .pytest_cache node_modules docs/javascripts/vendor

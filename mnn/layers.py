@@ -58,20 +58,27 @@ class Linear(Module):
     $X \in \mathbb{R}^{N \times n}$ the inputs. (3) and (4) sum over the batch:
     every row used the same $W$ and $b$.
 
+    A first layer fed with data needs no $\partial L / \partial X$: nothing
+    upstream uses it. ``input_grad=False`` skips (2), a third of the layer's
+    backward work (PyTorch's autograd skips it for inputs without
+    ``requires_grad``), and ``backward`` returns ``None``.
+
     Args:
         in_features: $n$, the size of each input row.
         out_features: $m$, the size of each output row.
         bias: whether to add $b$.
         rng: a ``numpy.random.Generator`` for the initialisation.
+        input_grad: whether ``backward`` computes and returns $\partial L / \partial X$.
 
     Parameters are initialised as in PyTorch: $U(-1/\sqrt{n}, 1/\sqrt{n})$.
     Cache: the input $X$ (needed by Eq. 3).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 rng: numpy.random.Generator | None = None, dtype=None) -> None:
+                 rng: numpy.random.Generator | None = None, dtype=None, input_grad: bool = True) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.input_grad = bool(input_grad)
         rng = rng if rng is not None else numpy.random.default_rng()
         dtype = dtype or default_dtype()
         bound = 1.0 / math.sqrt(in_features)
@@ -94,10 +101,13 @@ class Linear(Module):
         self.grads["weight"] += dy2.T @ x2  # Eq. (3)
         if "bias" in self.params:
             self.grads["bias"] += dy2.sum(axis=0)  # Eq. (4)
+        if not self.input_grad:
+            return None
         return dy @ self.params["weight"]  # Eq. (2)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, bias={'bias' in self.params}"
+        skip = "" if self.input_grad else ", input_grad=False"
+        return f"{self.in_features}, {self.out_features}, bias={'bias' in self.params}{skip}"
 
 
 class ReLU(Module):
@@ -283,8 +293,11 @@ class Softmax(Module):
 
     def backward(self, dy):
         y = self.pop_cache()
-        inner = (dy * y).sum(axis=self.axis, keepdims=True)  # Eq. (2): <g, y>
-        return y * (dy - inner)  # Eq. (2)
+        dx = dy * y  # the one new array: first y * g, for the dot product
+        inner = dx.sum(axis=self.axis, keepdims=True)  # Eq. (2): <g, y>
+        xp.subtract(dy, inner, out=dx)  # Eq. (2): g - <g, y>
+        dx *= y  # Eq. (2)
+        return dx
 
     def extra_repr(self) -> str:
         return f"axis={self.axis}"

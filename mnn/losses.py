@@ -135,9 +135,9 @@ class CrossEntropyLoss(Module):
         labels = targets.reshape(-1)
         n = labels.size
         shifted = rows - rows.max(axis=1, keepdims=True)  # Eq. (1): x - m
-        exp = xp.exp(shifted)
+        picked = shifted[xp.arange(n), labels]  # x_t - m, read before exp overwrites it
+        exp = xp.exp(shifted, out=shifted)
         sum_exp = exp.sum(axis=1, keepdims=True)
-        picked = shifted[xp.arange(n), labels]
         loss = (xp.log(sum_exp[:, 0]) - picked).mean()  # Eq. (1)
         exp /= sum_exp  # y = softmax(x), reused by backward
         self.cache = (exp, labels, logits.shape)

@@ -36,7 +36,8 @@ class MLP(Sequential):
         layers = []
         sizes = [in_features, *hidden]
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-            layers += [Linear(fan_in, fan_out, rng=rng), ACTIVATIONS[activation]()]
+            # The first layer's input is data: nothing needs its gradient.
+            layers += [Linear(fan_in, fan_out, rng=rng, input_grad=bool(layers)), ACTIVATIONS[activation]()]
             if dropout > 0:
                 layers.append(Dropout(dropout, rng=numpy.random.default_rng([seed, len(layers)])))
         layers.append(Linear(sizes[-1], num_classes, rng=rng))

@@ -1,0 +1,357 @@
+"""mnn against PyTorch on the CPU, side by side: ``python -m benchmarks.compare [--quick] [--threads 2]``.
+
+For every case of :mod:`benchmarks.cases`, in one process:
+
+1. both frameworks (and the matrix-product floor) are built from the same
+   weights and data, with the same thread count (``torch.set_num_threads`` and
+   threadpoolctl's limit on numpy's BLAS and every OpenMP pool);
+2. the first step of each framework is checked: same loss (so the comparison
+   is of equal work), and it doubles as warm-up, with more warm-up steps after;
+3. the timed steps are interleaved in blocks of ~0.1 s, mnn / torch / floor,
+   the order reversed every other round, so a change of machine load hits all
+   sides alike (see :func:`time_interleaved` for why blocks and not single
+   steps); the figure is the median of >= 50 steps (``--quick``: a few);
+4. peak memory is measured in a fresh subprocess per framework per case: the
+   high-water mark of the resident set (``VmHWM``, reset through
+   ``/proc/self/clear_refs``; ``ru_maxrss`` where that is not available) minus
+   the resident set after the imports and the data, so it counts the model,
+   its gradients, the optimizer state, the activations and any workspace.
+
+The machine is shared and noisy: the ratios are the figures, not the times.
+Writes ``benchmarks/results.json`` and ``benchmarks/results.png`` (or
+``--out DIR``) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy
+
+from benchmarks.cases import all_cases
+
+FRAMEWORKS = ("mnn", "torch")
+SIDES = ("mnn", "torch", "floor")
+# The issue's bars (ratios mnn / torch); memory bars compare peak resident memory.
+BARS = {"mlp_train_b64": 0.7, "mlp_train_b512": 1.0, "gpt_train": 1.0}
+MEMORY_BARS = ("gpt_train",)
+LOSS_RTOL = 1e-4
+BLOCK_SECONDS = 0.1
+HERE = Path(__file__).resolve().parent
+
+
+def set_threads(threads: int):
+    """Pin numpy's BLAS and PyTorch to ``threads`` threads; returns the threadpoolctl limiter (keep it)."""
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    limiter = threadpool_limits(limits=threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    return limiter
+
+
+def time_interleaved(sides: dict, steps: int, warmup: int, block_seconds: float = BLOCK_SECONDS):
+    """Warm up, then time ``steps`` steps of every side in interleaved blocks A B C / C B A.
+
+    Returns ``({side: [seconds per step, ...]}, steps per block)``.
+
+    A block holds as many steps as fill about ``block_seconds`` (one step for
+    a slow case). Interleaving step by step would start every step while the
+    other framework's worker threads still spin-wait for work (OpenBLAS spins
+    ~0.1 s after a product, libgomp less), which on a 2-core machine slows a
+    1 ms step several times over; within a block those threads park and the
+    median is taken over steps that had the cores. Blocks still alternate
+    often, so a change of machine load hits every side alike.
+    """
+    names = list(sides)
+    warm = {name: [] for name in names}
+    for _ in range(max(warmup, 1)):
+        for name in names:
+            started = time.perf_counter()
+            sides[name].step()
+            warm[name].append(time.perf_counter() - started)
+    slowest = max(statistics.median(values) for values in warm.values())
+    block = max(1, min(steps, math.ceil(block_seconds / slowest)))
+    times = {name: [] for name in names}
+    gc.collect()
+    round_ = 0
+    while len(times[names[0]]) < steps:
+        count = min(block, steps - len(times[names[0]]))
+        for name in (names if round_ % 2 == 0 else names[::-1]):
+            step = sides[name].step
+            for _ in range(count):
+                started = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - started)
+        round_ += 1
+    return times, block
+
+
+def _relative_iqr(values: list) -> float:
+    """Interquartile range over median: how noisy a side's step times were (0.05 is quiet)."""
+    q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return (q3 - q1) / median
+
+
+def run_case(case, steps: int, warmup: int, threads: int) -> dict:
+    """Build the three sides of ``case``, check the first step, time them; the case's result dict."""
+    import torch  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    limiter = set_threads(threads)
+    state, data = case.prepare()
+    sides = {name: case.build(name, state, data) for name in SIDES}
+    first_loss = {name: sides[name].loss(sides[name].step()) for name in FRAMEWORKS}
+    times, block = time_interleaved(sides, steps, max(warmup - 1, 0))
+    del limiter
+    per_unit = {name: 1000.0 * statistics.median(values) / case.units_per_step for name, values in times.items()}
+    return {
+        "description": case.description,
+        "unit": case.unit,
+        "units_per_step": case.units_per_step,
+        "ms": per_unit,
+        "ratio": {"mnn/torch": per_unit["mnn"] / per_unit["torch"],
+                  "mnn/floor": per_unit["mnn"] / per_unit["floor"],
+                  "torch/floor": per_unit["torch"] / per_unit["floor"]},
+        "spread": {name: _relative_iqr(values) for name, values in times.items()},
+        "first_loss": first_loss,
+        "steps": steps,
+        "warmup": warmup,
+        "steps_per_block": block,
+    }
+
+
+# -- peak memory, one fresh process per framework per case -----------------------------
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset the resident-set high-water mark (Linux >= 4.0); False if this system cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _status_kb("VmHWM") is not None
+
+
+def probe_memory(case_name: str, framework: str, threads: int, steps: int, tokens: int) -> dict:
+    """In this (fresh) process: peak resident memory of building ``framework``'s side and running ``steps`` steps."""
+    if framework == "torch":
+        import torch  # noqa: PLC0415, F401 - imported before the baseline, like numpy
+
+        torch.set_num_threads(threads)
+    limiter = set_threads(threads)
+    case = next(c for c in all_cases(tokens) if c.name == case_name)
+    state, data = case.prepare()  # the shared weights and data: before the baseline, on both sides
+    gc.collect()
+    if _reset_peak():
+        method = "VmHWM - VmRSS (clear_refs reset)"
+        baseline_kb = _status_kb("VmRSS")
+    else:
+        method = "ru_maxrss delta"
+        baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    side = case.build(framework, state, data)
+    for _ in range(steps):
+        side.step()
+    peak_kb = _status_kb("VmHWM") if method.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    del limiter
+    return {"peak_mb": (peak_kb - baseline_kb) / 1024.0, "method": method}
+
+
+def measure_memory(jobs: list[tuple[str, str]], threads: int, steps: int, tokens: int) -> dict:
+    """Run :func:`probe_memory` for every ``(case, framework)`` in its own subprocess, two at a time.
+
+    Memory, not time, is measured here, so the probes may overlap.
+    """
+    def run(job):
+        command = [sys.executable, "-m", "benchmarks.compare", "--probe-memory", *job, "--threads", str(threads),
+                   "--probe-steps", str(steps), "--tokens", str(tokens)]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory probe {job} failed:\n{done.stderr}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(jobs, pool.map(run, jobs)))
+
+
+# -- the machine and the report -----------------------------------------------------
+def machine_info(threads: int) -> dict:
+    import torch  # noqa: PLC0415
+    from threadpoolctl import threadpool_info  # noqa: PLC0415
+
+    cpu_model = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "torch": torch.__version__,
+        "threads": threads,
+        "blas": [{k: pool.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+                 for pool in threadpool_info() if pool.get("user_api") == "blas"],
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+        "threading_environment": {k: v for k, v in os.environ.items()
+                                  if k.startswith(("OMP_", "GOMP_", "OPENBLAS_", "MKL_", "KMP_", "MALLOC_"))},
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def check_bars(cases: dict) -> dict:
+    bars = {}
+    for name, limit in BARS.items():
+        if name in cases:
+            ratio = cases[name]["ratio"]["mnn/torch"]
+            bars[f"{name} time mnn/torch <= {limit}"] = {"value": ratio, "pass": ratio <= limit}
+    for name in MEMORY_BARS:
+        peak = cases.get(name, {}).get("peak_mb")
+        if peak:
+            ratio = peak["mnn"] / peak["torch"]
+            bars[f"{name} peak memory mnn/torch <= 1.0"] = {"value": ratio, "pass": ratio <= 1.0}
+    return bars
+
+
+def format_table(results: dict) -> str:
+    header = (f"{'case':<24} {'unit':>5} {'mnn ms':>9} {'torch ms':>9} {'floor ms':>9} "
+              f"{'mnn/torch':>9} {'mnn/floor':>9} {'torch/floor':>11} {'mnn MB':>7} {'torch MB':>8}")
+    lines = [header, "-" * len(header)]
+    for name, case in results["cases"].items():
+        ms, ratio, peak = case["ms"], case["ratio"], case.get("peak_mb") or {}
+        memory = "".join(f" {peak[f]:>{w}.1f}" if f in peak else f" {'-':>{w}}" for f, w in (("mnn", 7), ("torch", 8)))
+        lines.append(f"{name:<24} {case['unit']:>5} {ms['mnn']:>9.3f} {ms['torch']:>9.3f} {ms['floor']:>9.3f} "
+                     f"{ratio['mnn/torch']:>9.2f} {ratio['mnn/floor']:>9.2f} {ratio['torch/floor']:>11.2f}{memory}")
+    noisy = [f"{name} {side} {spread:.0%}" for name, case in results["cases"].items()
+             for side, spread in case.get("spread", {}).items() if spread > 0.25]
+    if noisy:
+        lines.append("noisy (interquartile range / median > 25%): " + ", ".join(noisy))
+    for bar, verdict in results.get("bars", {}).items():
+        lines.append(f"bar {bar}: {verdict['value']:.2f} {'PASS' if verdict['pass'] else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot  # noqa: PLC0415
+
+    names = list(results["cases"])
+    figure, (speed, memory) = pyplot.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    positions = numpy.arange(len(names))
+    for offset, (side, colour) in zip((-0.27, 0.0, 0.27), (("mnn", "tab:blue"), ("torch", "tab:orange"),
+                                                           ("floor", "tab:gray"))):
+        values = [results["cases"][n]["ms"][side] / results["cases"][n]["ms"]["torch"] for n in names]
+        speed.bar(positions + offset, values, width=0.27, label=side, color=colour)
+    speed.axhline(1.0, color="black", linewidth=0.8)
+    speed.set_xticks(positions, [n.replace("_", "\n") for n in names], fontsize=8)
+    speed.set_ylabel("time / PyTorch time (lower is faster)")
+    threads = results["machine"]["threads"]
+    speed.set_title(f"median time per step, relative to PyTorch ({threads} thread{'s' if threads > 1 else ''} each)")
+    speed.legend()
+    with_memory = [n for n in names if results["cases"][n].get("peak_mb")]
+    if with_memory:
+        memory_positions = numpy.arange(len(with_memory))
+        for offset, (side, colour) in zip((-0.2, 0.2), (("mnn", "tab:blue"), ("torch", "tab:orange"))):
+            memory.bar(memory_positions + offset, [results["cases"][n]["peak_mb"][side] for n in with_memory],
+                       width=0.4, label=side, color=colour)
+        memory.set_xticks(memory_positions, [n.replace("_", "\n") for n in with_memory], fontsize=8)
+        memory.set_ylabel("peak resident memory above baseline (MB)")
+        memory.set_title("peak memory (fresh process each)")
+        memory.legend()
+    figure.suptitle(f"mnn vs PyTorch {results['machine']['torch']} on {results['machine']['cpu_model']}, "
+                    f"{results['date'][:10]}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few steps only (CI): checks, not figures")
+    parser.add_argument("--threads", type=int, default=2, help="threads for numpy's BLAS and for PyTorch")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 60; --quick 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per side (default 5; --quick 1)")
+    parser.add_argument("--cases", nargs="*", default=None, help="run only these cases")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--out", type=Path, default=HERE, help="folder for results.json and results.png")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens per generation step (default 63; --quick 8)")
+    parser.add_argument("--probe-memory", nargs=2, metavar=("CASE", "FRAMEWORK"), help=argparse.SUPPRESS)
+    parser.add_argument("--probe-steps", type=int, default=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    tokens = args.tokens or (8 if args.quick else 63)
+
+    if args.probe_memory:
+        print(json.dumps(probe_memory(*args.probe_memory, args.threads, args.probe_steps, tokens)))
+        return {}
+    steps = args.steps or (3 if args.quick else 60)
+    warmup = args.warmup or (1 if args.quick else 5)
+    cases = [c for c in all_cases(tokens) if args.cases is None or c.name in args.cases]
+    unknown = set(args.cases or ()) - {c.name for c in cases}
+    if unknown:
+        parser.error(f"unknown cases {sorted(unknown)}; choose from {[c.name for c in all_cases()]}")
+
+    import torch  # noqa: PLC0415
+
+    torch.set_num_threads(args.threads)
+    results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "command": "python -m benchmarks.compare" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
+               "quick": args.quick, "machine": machine_info(args.threads), "cases": {}}
+    for case in cases:
+        print(f"timing {case.name} ({steps} interleaved steps) ...", file=sys.stderr, flush=True)
+        result = run_case(case, steps, warmup, args.threads)
+        results["cases"][case.name] = result
+        losses = result["first_loss"]
+        if abs(losses["mnn"] - losses["torch"]) > LOSS_RTOL * abs(losses["torch"]):
+            print(f"WARNING {case.name}: first-step losses differ: {losses}", file=sys.stderr)
+    results["memory_method"] = None
+    if not args.no_memory:
+        print("peak memory (a fresh process per framework per case) ...", file=sys.stderr, flush=True)
+        jobs = [(case.name, framework) for case in cases for framework in FRAMEWORKS]
+        probes = measure_memory(jobs, args.threads, 2 if args.quick else 3, tokens)
+        for case in cases:
+            results["cases"][case.name]["peak_mb"] = {f: probes[(case.name, f)]["peak_mb"] for f in FRAMEWORKS}
+        results["memory_method"] = (
+            f"{probes[jobs[0]]['method']}: peak resident set of a fresh subprocess per framework per case, minus "
+            "its resident set after the imports, weights and data (so: model, gradients, optimizer state, "
+            "activations, workspace)")
+    results["bars"] = check_bars(results["cases"])
+    results["machine"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, args.out / "results.png")
+    print(format_table(results))
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'results.png'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The benchmark's output is right (not its timings), and the speed paths compute what the plain ones do.
+
+``python -m benchmarks.compare --quick`` runs every case for a few steps; the
+checks are on what it writes: every case, positive times, ratios that are the
+quotients of the times, peak memory for both frameworks, and the same loss
+from mnn and PyTorch on the first step of each case (so the two sides did the
+same work).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime
+
+import numpy as np
+import pytest
+
+from benchmarks import compare
+from benchmarks.cases import all_cases
+from mnn.layers import Linear
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    printed = compare.main(["--quick", "--threads", "1", "--steps", "2", "--out", str(out)])
+    return out, printed, json.loads((out / "results.json").read_text())
+
+
+def test_every_case_is_in_the_json(quick_run):
+    _, printed, results = quick_run
+    assert set(results["cases"]) == {case.name for case in all_cases()}
+    assert results == json.loads(json.dumps(printed))  # what main returned is what it wrote
+    assert results["quick"] is True
+
+
+def test_times_are_positive_and_ratios_are_their_quotients(quick_run):
+    for name, case in quick_run[2]["cases"].items():
+        ms = case["ms"]
+        for side in ("mnn", "torch", "floor"):
+            assert math.isfinite(ms[side]) and ms[side] > 0, (name, side, ms)
+        ratio = case["ratio"]
+        assert ratio["mnn/torch"] == pytest.approx(ms["mnn"] / ms["torch"], rel=1e-12)
+        assert ratio["mnn/floor"] == pytest.approx(ms["mnn"] / ms["floor"], rel=1e-12)
+        assert ratio["torch/floor"] == pytest.approx(ms["torch"] / ms["floor"], rel=1e-12)
+        assert case["steps"] == 2 and case["units_per_step"] >= 1 and case["steps_per_block"] >= 1
+        assert all(spread >= 0 for spread in case["spread"].values())
+
+
+def test_mnn_and_torch_computed_the_same_first_loss(quick_run):
+    for name, case in quick_run[2]["cases"].items():
+        losses = case["first_loss"]
+        assert math.isfinite(losses["mnn"]) and losses["mnn"] > 0, (name, losses)
+        assert losses["mnn"] == pytest.approx(losses["torch"], rel=1e-4), name
+
+
+def test_peak_memory_is_measured_for_both_frameworks(quick_run):
+    results = quick_run[2]
+    assert "fresh subprocess" in results["memory_method"]
+    for name, case in results["cases"].items():
+        assert set(case["peak_mb"]) == {"mnn", "torch"}
+        for framework, megabytes in case["peak_mb"].items():
+            assert math.isfinite(megabytes) and megabytes > 0, (name, framework, megabytes)
+
+
+def test_machine_date_bars_and_chart(quick_run):
+    out, _, results = quick_run
+    machine = results["machine"]
+    assert machine["threads"] == 1 and machine["cores"] >= 1 and machine["cpu_model"]
+    assert machine["numpy"] == np.__version__ and machine["torch"]
+    assert "OPENBLAS_CORETYPE" in machine
+    datetime.fromisoformat(results["date"])
+    for bar, verdict in results["bars"].items():
+        case = bar.split()[0]
+        if " time " in bar:
+            assert verdict["value"] == results["cases"][case]["ratio"]["mnn/torch"]
+        assert verdict["pass"] == (verdict["value"] <= float(bar.split("<=")[1]))
+    assert len(results["bars"]) == 4
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = compare.format_table(results)
+    assert all(name in table for name in results["cases"])
+
+
+# -- the speed paths --------------------------------------------------------------
+def test_linear_without_input_gradient_gives_the_same_parameter_gradients():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 7))
+    dy = rng.standard_normal((5, 3))
+    full = Linear(7, 3, rng=np.random.default_rng(1), dtype=np.float64)
+    skip = Linear(7, 3, rng=np.random.default_rng(1), dtype=np.float64, input_grad=False)
+    np.testing.assert_array_equal(full.forward(x), skip.forward(x))
+    assert full.backward(dy) is not None
+    assert skip.backward(dy) is None
+    for key in ("weight", "bias"):
+        np.testing.assert_array_equal(full.grads[key], skip.grads[key])
+    assert "input_grad=False" in repr(skip) and "input_grad" not in repr(full)
