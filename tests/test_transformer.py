@@ -1,0 +1,270 @@
+"""The Transformer layers: finite-difference gradient checks in float64 and parity with PyTorch."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+import mnn
+from mnn.errors import InputError, ShapeError
+from mnn.transformer import GELU, MLP, Block, Embedding, LayerNorm, MultiHeadAttention
+
+DTYPES = [(np.float32, torch.float32, 1e-5), (np.float64, torch.float64, 1e-10)]
+
+
+def rel(a, b) -> float:
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b.detach().numpy() if isinstance(b, torch.Tensor) else b, dtype=np.float64).ravel()
+    scale = max(np.linalg.norm(a), np.linalg.norm(b))
+    return 0.0 if scale == 0 else float(np.linalg.norm(a - b) / scale)
+
+
+def randn(rng, shape, dtype=np.float64, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(dtype)
+
+
+def perturb_params(layer, rng):
+    """Random parameters (LayerNorm's 1 and 0 would hide a mistake in gamma or beta)."""
+    for _, param in layer.named_parameters():
+        param[...] = randn(rng, param.shape, param.dtype, scale=0.5)
+
+
+def torch_params(layer, dtype):
+    return {name: torch.tensor(np.array(p), dtype=dtype, requires_grad=True) for name, p in layer.named_parameters()}
+
+
+# -- Embedding ---------------------------------------------------------------------
+def test_embedding_gradcheck_with_repeated_ids():
+    rng = np.random.default_rng(0)
+    layer = Embedding(7, 3, rng=rng, dtype=np.float64)
+    ids = np.array([[0, 3, 3, 6], [3, 1, 0, 0]])
+    errors = mnn.gradcheck(layer, (ids,), seed=5)
+    assert errors["weight"] < 1e-7
+
+
+@pytest.mark.parametrize("np_dtype, torch_dtype, tol", DTYPES)
+@pytest.mark.parametrize("V, shape", [(65, (12, 64)), (1000, (3, 5)), (5, (40,))])
+def test_embedding_matches_pytorch(np_dtype, torch_dtype, tol, V, shape):
+    rng = np.random.default_rng(1)
+    layer = Embedding(V, 16, rng=rng, dtype=np_dtype)
+    ids = rng.integers(0, V, shape)
+    dy = randn(rng, (*shape, 16), np_dtype)
+    y = layer.forward(ids)
+    layer.grads["weight"][...] = 1.0  # gradients must accumulate, not overwrite
+    assert layer.backward(dy) is None
+    weight = torch.tensor(np.array(layer.params["weight"]), requires_grad=True)
+    F.embedding(torch.from_numpy(ids), weight).backward(torch.from_numpy(dy))
+    assert y.dtype == np_dtype and y.shape == (*shape, 16)
+    assert rel(y, F.embedding(torch.from_numpy(ids), weight)) == 0.0
+    assert rel(layer.grads["weight"] - 1.0, weight.grad) <= tol
+
+
+def test_embedding_refuses_bad_ids_naming_layer_and_id():
+    layer = Embedding(10, 4)
+    with pytest.raises(InputError, match=r"Embedding\(10, 4\).*id 10 out of range \[0, 10\)"):
+        layer.forward(np.array([[1, 10]]))
+    with pytest.raises(InputError, match="id -1"):
+        layer.forward(np.array([-1, 2]))
+    with pytest.raises(ShapeError, match="integer"):
+        layer.forward(np.array([1.0, 2.0]))
+
+
+# -- LayerNorm ---------------------------------------------------------------------
+@pytest.mark.parametrize("shape, bias", [((2, 3, 5), True), ((4, 6), True), ((2, 2, 4), False)])
+def test_layernorm_gradcheck(shape, bias):
+    rng = np.random.default_rng(2)
+    layer = LayerNorm(shape[-1], bias=bias, dtype=np.float64)
+    perturb_params(layer, rng)
+    mnn.gradcheck(layer, (randn(rng, shape, scale=2.0) + 0.5,), seed=7)
+
+
+@pytest.mark.parametrize("np_dtype, torch_dtype, tol", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_layernorm_matches_pytorch(np_dtype, torch_dtype, tol, bias):
+    rng = np.random.default_rng(3)
+    layer = LayerNorm(32, bias=bias, dtype=np_dtype)
+    perturb_params(layer, rng)
+    x, dy = randn(rng, (4, 8, 32), np_dtype, 3.0) + 1.0, randn(rng, (4, 8, 32), np_dtype)
+    y = layer.forward(x)
+    dx = layer.backward(dy)
+    params = torch_params(layer, torch_dtype)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = F.layer_norm(xt, (32,), params["weight"], params.get("bias"), 1e-5)
+    yt.backward(torch.from_numpy(dy))
+    assert y.dtype == dx.dtype == np_dtype
+    assert rel(y, yt) <= tol and rel(dx, xt.grad) <= tol
+    for name, grad in layer.named_grads():
+        assert rel(grad, params[name].grad) <= tol, name
+
+
+# -- GELU --------------------------------------------------------------------------
+def test_gelu_gradcheck():
+    rng = np.random.default_rng(4)
+    mnn.gradcheck(GELU(), (randn(rng, (3, 4, 5), scale=3.0),), seed=1)
+
+
+@pytest.mark.parametrize("np_dtype, torch_dtype, tol", DTYPES)
+def test_gelu_matches_pytorch_tanh_approximation(np_dtype, torch_dtype, tol):
+    rng = np.random.default_rng(5)
+    x, dy = randn(rng, (16, 64), np_dtype, 4.0), randn(rng, (16, 64), np_dtype)
+    layer = GELU()
+    y = layer.forward(x)
+    dx = layer.backward(dy)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = F.gelu(xt, approximate="tanh")
+    yt.backward(torch.from_numpy(dy))
+    assert y.dtype == dx.dtype == np_dtype
+    assert rel(y, yt) <= tol and rel(dx, xt.grad) <= tol
+
+
+# -- attention ---------------------------------------------------------------------
+def torch_attention(layer, x, dtype, causal):
+    """The same attention through torch's fused scaled_dot_product_attention (a different algorithm)."""
+    params = torch_params(layer, dtype)
+    B, T, C = x.shape
+    NH = layer.n_head
+    xt = torch.tensor(x, requires_grad=True)
+    qkv = F.linear(xt, params["c_attn.weight"], params.get("c_attn.bias"))
+    q, k, v = (t.reshape(B, T, NH, C // NH).transpose(1, 2) for t in qkv.split(C, dim=2))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(B, T, C)
+    return xt, params, F.linear(y, params["c_proj.weight"], params.get("c_proj.bias"))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("B, T, C, NH", [(2, 4, 8, 2), (1, 5, 6, 3), (2, 3, 4, 1)])
+def test_attention_gradcheck(causal, B, T, C, NH):
+    rng = np.random.default_rng(6)
+    layer = MultiHeadAttention(C, NH, causal=causal, rng=rng, dtype=np.float64)
+    mnn.gradcheck(layer, (randn(rng, (B, T, C)),), seed=2)
+
+
+def test_attention_gradcheck_with_dropout():
+    rng = np.random.default_rng(7)
+    layer = MultiHeadAttention(8, 2, dropout=0.3, rng=rng, dtype=np.float64)
+
+    def reseed():
+        layer.attn_dropout.rng = np.random.default_rng(11)
+        layer.resid_dropout.rng = np.random.default_rng(12)
+
+    x = randn(rng, (2, 5, 8))
+    mnn.gradcheck(layer, (x,), seed=3, before_forward=reseed)
+    reseed()
+    dropped = layer.forward(x)
+    layer.eval()
+    assert rel(dropped, layer.forward(x)) > 1e-3  # the masks really dropped something
+
+
+@pytest.mark.parametrize("np_dtype, torch_dtype, tol", DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_matches_pytorch(np_dtype, torch_dtype, tol, causal):
+    rng = np.random.default_rng(8)
+    layer = MultiHeadAttention(32, 4, causal=causal, rng=rng, dtype=np_dtype)
+    x, dy = randn(rng, (3, 10, 32), np_dtype), randn(rng, (3, 10, 32), np_dtype)
+    y = layer.forward(x)
+    dx = layer.backward(dy)
+    xt, params, yt = torch_attention(layer, x, torch_dtype, causal)
+    yt.backward(torch.from_numpy(dy))
+    assert y.dtype == dx.dtype == np_dtype
+    assert rel(y, yt) <= tol and rel(dx, xt.grad) <= tol
+    for name, grad in layer.named_grads():
+        assert rel(grad, params[name].grad) <= tol, name
+
+
+def test_attention_is_causal_and_key_bias_gradient_vanishes():
+    rng = np.random.default_rng(9)
+    layer = MultiHeadAttention(8, 2, rng=rng, dtype=np.float64)
+    perturb_params(layer, rng)
+    x = randn(rng, (2, 6, 8))
+    y = layer.forward(x)
+    later = x.copy()
+    later[:, 4:] += 1.0
+    assert np.array_equal(layer.forward(later)[:, :4], y[:, :4])  # the past never sees the future
+    layer.backward(randn(rng, (2, 6, 8)))
+    bias_grad = layer.c_attn.grads["bias"]
+    assert np.abs(bias_grad[8:16]).max() <= 1e-12 * np.abs(bias_grad).max()  # softmax ignores q.b_k
+
+
+def test_attention_refuses_bad_shapes():
+    layer = MultiHeadAttention(8, 2)
+    with pytest.raises(ShapeError, match=r"MultiHeadAttention.*\(2, 3, 6\)"):
+        layer.forward(np.zeros((2, 3, 6), dtype=np.float32))
+    with pytest.raises(ShapeError, match="3-D"):
+        layer.forward(np.zeros((3, 8), dtype=np.float32))
+    with pytest.raises(ValueError, match="divisible"):
+        MultiHeadAttention(8, 3)
+
+
+def test_attention_forward_cached_equals_forward():
+    rng = np.random.default_rng(10)
+    layer = MultiHeadAttention(12, 3, rng=rng, dtype=np.float64)
+    x = randn(rng, (2, 7, 12))
+    full = layer.forward(x)
+    first, past = layer.forward_cached(x[:, :4])
+    second, past = layer.forward_cached(x[:, 4:], past)
+    assert rel(np.concatenate([first, second], axis=1), full) <= 1e-14
+    assert past[0].shape == (2, 3, 7, 4)
+
+
+# -- MLP and Block -------------------------------------------------------------------
+def test_mlp_and_block_gradcheck():
+    rng = np.random.default_rng(11)
+    mnn.gradcheck(MLP(6, rng=rng, dtype=np.float64), (randn(rng, (2, 3, 6)),), seed=4)
+    block = Block(8, 2, rng=rng, dtype=np.float64)
+    perturb_params(block, rng)
+    mnn.gradcheck(block, (randn(rng, (2, 4, 8)),), seed=5)
+
+
+def test_block_gradcheck_with_dropout():
+    rng = np.random.default_rng(12)
+    block = Block(8, 2, dropout=0.25, rng=rng, dtype=np.float64)
+    dropouts = [m for _, m in block.named_modules() if type(m).__name__ == "Dropout"]
+    assert len(dropouts) == 3
+
+    def reseed():
+        for i, layer in enumerate(dropouts):
+            layer.rng = np.random.default_rng(100 + i)
+
+    mnn.gradcheck(block, (randn(rng, (2, 4, 8)),), seed=6, before_forward=reseed)
+
+
+@pytest.mark.parametrize("np_dtype, torch_dtype, tol", DTYPES)
+def test_block_matches_pytorch(np_dtype, torch_dtype, tol):
+    rng = np.random.default_rng(13)
+    block = Block(16, 4, rng=rng, dtype=np_dtype)
+    perturb_params(block, rng)
+    x, dy = randn(rng, (2, 9, 16), np_dtype), randn(rng, (2, 9, 16), np_dtype)
+    y = block.forward(x)
+    dx = block.backward(dy)
+
+    params = torch_params(block, torch_dtype)
+    xt = torch.tensor(x, requires_grad=True)
+    p = params
+    h = F.layer_norm(xt, (16,), p["ln_1.weight"], p["ln_1.bias"], 1e-5)
+    q, k, v = F.linear(h, p["attn.c_attn.weight"], p["attn.c_attn.bias"]).split(16, dim=2)
+    q, k, v = (t.reshape(2, 9, 4, 4).transpose(1, 2) for t in (q, k, v))
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(4)
+    att = att.masked_fill(torch.triu(torch.ones(9, 9, dtype=torch.bool), 1), float("-inf")).softmax(-1)
+    a = (att @ v).transpose(1, 2).reshape(2, 9, 16)
+    h1 = xt + F.linear(a, p["attn.c_proj.weight"], p["attn.c_proj.bias"])
+    m = F.layer_norm(h1, (16,), p["ln_2.weight"], p["ln_2.bias"], 1e-5)
+    m = F.gelu(F.linear(m, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"]), approximate="tanh")
+    yt = h1 + F.linear(m, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])
+    yt.backward(torch.from_numpy(dy))
+
+    assert y.dtype == dx.dtype == np_dtype
+    assert rel(y, yt) <= tol and rel(dx, xt.grad) <= tol
+    for name, grad in block.named_grads():
+        assert rel(grad, params[name].grad) <= tol, name
+
+
+def test_causal_mask_offsets_for_cached_keys():
+    layer = MultiHeadAttention(4, 2)
+    inf = -np.inf
+    assert np.array_equal(layer.causal_mask(3, dtype=np.float64),
+                          [[0, inf, inf], [0, 0, inf], [0, 0, 0]])
+    assert np.array_equal(layer.causal_mask(2, 4, dtype=np.float64), [[0, 0, 0, inf], [0, 0, 0, 0]])
+    assert layer.causal_mask(2, dtype=np.float32).dtype == np.float32
