@@ -42,7 +42,7 @@ class GPTTrainConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
-    bias: bool = True
+    bias: bool = False  # nanoGPT train.py: no biases in Linear and LayerNorm
     batch_size: int = 12
     max_iters: int = 2000
     learning_rate: float = 1e-3

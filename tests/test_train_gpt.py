@@ -32,7 +32,7 @@ def test_small_gpt_beats_a_bigram_model_in_a_few_hundred_steps(tmp_path):
     assert result["best_val"] < BIGRAM_VAL_LOSS, result
     model, metadata = load_model(tmp_path / "model.safetensors")
     assert metadata["config"] == {"block_size": 32, "vocab_size": 65, "n_layer": 2, "n_head": 2, "n_embd": 64,
-                                  "dropout": 0.0, "bias": True}
+                                  "dropout": 0.0, "bias": False}
     assert len(metadata["vocab"]) == 65 and metadata["vocab"].startswith("\n !")
     text = sample_file(tmp_path / "model.safetensors", prompt="ROMEO:", tokens=200, seed=1)
     assert text.startswith("ROMEO:") and len(text) == 206
