@@ -1,10 +1,9 @@
 r"""Write mnn's API reference as Markdown that renders both on GitHub and in the MkDocs site.
 
 One page per public class of the mnn modules (``docs/api/<Class>.md``), an index
-(``docs/api/index.md``), the learning path, and the benchmark and reliability
+(``docs/api/index.md``), the learning path, and the benchmark
 pages, all generated from the docstrings (read by griffe, never by parsing
-Python by hand) and from ``docs/gradcheck.json`` / ``docs/benchmarks.json`` /
-``docs/reliability.json``.
+Python by hand) and from ``docs/gradcheck.json`` / ``benchmarks/results.json``.
 
 Math: docstrings write ``$...$`` inline and ``$$`` display blocks on lines of
 their own. Display blocks become ```` ```math ```` fences (GitHub renders them
@@ -429,11 +428,9 @@ def generate(root: Path = ROOT) -> tuple[dict[str, str], dict[str, list[Formula]
     files["api/index.md"] = renderer.index_page(package)
     files["learning-path.md"] = renderer.learning_path()
     files["benchmarks.md"] = table_page(
-        "Benchmarks", "Speed and accuracy of mnn's models, measured on the machine named below.",
-        docs / "benchmarks.json", "the benchmark scripts write it when they are run.")
-    files["reliability.md"] = table_page(
-        "Reliability", "How often training reaches its target, over repeated seeded runs.",
-        docs / "reliability.json", "the reliability runs write it when they are run.")
+        "Benchmarks", "mnn against the same models in PyTorch, interleaved in one run with the same thread count "
+        "(`make bench`, i.e. `python -m benchmarks.compare`). The ratios are the figures; the machine is named below.",
+        root / "benchmarks" / "results.json", "`make bench` writes it.")
     return files, renderer.formulas
 
 

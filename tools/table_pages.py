@@ -1,4 +1,4 @@
-"""Markdown pages of measurement tables (benchmarks, reliability) from the JSON files the runs write.
+"""Markdown pages of measurement tables (benchmarks) from the JSON files the runs write.
 
 When the file does not exist the page says so plainly: no number is shown that
 was not measured.
@@ -85,7 +85,7 @@ def _tables(data) -> tuple[list[str], list[dict]]:
 def table_page(title: str, intro: str, source: Path, producer: str) -> str:
     out = [GENERATED_MARK, "", f"# {title}", "", intro, ""]
     if not source.exists():
-        out += [f"**No measurements yet.** This page is generated from `docs/{source.name}`, which does not "
+        out += [f"**No measurements yet.** This page is generated from `{source.parent.name}/{source.name}`, which does not "
                 f"exist yet: {producer} No numbers are shown until they have been measured.", ""]
         return "\n".join(out)
     facts, tables = _tables(json.loads(source.read_text()))
@@ -103,7 +103,7 @@ def table_page(title: str, intro: str, source: Path, producer: str) -> str:
             cells = row if isinstance(row, list) else [row.get(c) for c in columns]
             out.append("| " + " | ".join(_cell(v) for v in cells) + " |")
         out.append("")
-    out.append(f"Source: `docs/{source.name}`.")
+    out.append(f"Source: `{source.parent.name}/{source.name}`.")
     return "\n".join(out).rstrip("\n") + "\n"
 
 
