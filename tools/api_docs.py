@@ -429,7 +429,10 @@ def generate(root: Path = ROOT) -> tuple[dict[str, str], dict[str, list[Formula]
     files["learning-path.md"] = renderer.learning_path()
     files["benchmarks.md"] = table_page(
         "Benchmarks", "mnn against the same models in PyTorch, interleaved in one run with the same thread count "
-        "(`make bench`, i.e. `python -m benchmarks.compare`). The ratios are the figures; the machine is named below.",
+        "(`make bench`, i.e. `python -m benchmarks.compare`). The ratios are the figures; the machine is named below. "
+        "Caution: in one process, OpenBLAS's and PyTorch's idle worker threads spin against each other on a 2-core "
+        "machine, which slows PyTorch's GPT step far more than mnn's; the whole-recipe comparison in separate runs "
+        "(`python -m benchmarks.recipe`, `benchmarks/recipe.json`) is the figure to trust for the GPT.",
         root / "benchmarks" / "results.json", "`make bench` writes it.")
     return files, renderer.formulas
 
