@@ -108,8 +108,8 @@ def add_gpt_parser(train) -> None:
 
 def add_checkpoint_options(parser, model: str, when: str) -> None:
     parser.add_argument("--resume", metavar="DIR",
-                        help=f"continue the run saved in DIR (its checkpoint.safetensors) with its options; "
-                             f"options given again override them (e.g. a larger --max-iters)")
+                        help="continue the run saved in DIR (its checkpoint.safetensors) with its options; "
+                             "options given again override them (e.g. a larger --max-iters)")
     parser.add_argument("--checkpoint-interval", type=positive_int, metavar="STEPS",
                         help=f"also save a checkpoint every STEPS steps (one is always saved {when}, "
                              f"and on Ctrl-C or SIGTERM)")

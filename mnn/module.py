@@ -123,22 +123,7 @@ class Module:
             CheckpointError: naming every missing, unexpected or mis-shaped entry.
         """
         own = self.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        mis_shaped = [
-            f"{k}: expected {tuple(own[k].shape)}, got {tuple(state[k].shape)}"
-            for k in own
-            if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-        ]
-        problems = []
-        if missing:
-            problems.append("missing " + ", ".join(missing))
-        if unexpected:
-            problems.append("unexpected " + ", ".join(unexpected))
-        if mis_shaped:
-            problems.append("wrong shape " + "; ".join(mis_shaped))
-        if problems:
-            raise CheckpointError(f"{type(self).__name__}.load_state_dict: " + " | ".join(problems))
+        check_state(type(self).__name__, own, state)
         for name, param in own.items():
             param[...] = xp.asarray(state[name], dtype=param.dtype)
 
@@ -147,6 +132,35 @@ class Module:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
+
+
+def check_state(owner: str, own: dict, state: dict, shape_free=(), other_problems=()) -> None:
+    """Refuse a state dict unless it has exactly the keys of ``own`` (plus ``shape_free``) and their shapes.
+
+    Args:
+        owner: the class name the message starts with.
+        own: the entries expected, by name, with the shapes expected.
+        state: the entries offered.
+        shape_free: names that must also be present but whose shape the caller checks.
+        other_problems: messages the caller found, reported with the rest.
+
+    Raises:
+        CheckpointError: naming every missing, unexpected and mis-shaped entry at once.
+    """
+    missing = [k for k in [*shape_free, *own] if k not in state]
+    unexpected = [k for k in state if k not in own and k not in shape_free]
+    mis_shaped = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(state[k].shape)}"
+                  for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    mis_shaped += list(other_problems)
+    problems = []
+    if missing:
+        problems.append("missing " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected " + ", ".join(unexpected))
+    if mis_shaped:
+        problems.append("wrong shape " + "; ".join(mis_shaped))
+    if problems:
+        raise CheckpointError(f"{owner}.load_state_dict: " + " | ".join(problems))
 
 
 def check_input(layer: Module, x, last_dim: int | None = None, min_ndim: int = 1, ndim: int | None = None) -> None:

@@ -29,8 +29,8 @@ import math
 import numpy
 
 from mnn.backend import to_numpy, xp
-from mnn.errors import CheckpointError, ShapeError
-from mnn.module import Module
+from mnn.errors import ShapeError
+from mnn.module import Module, check_state
 
 
 def param_groups(model: Module, weight_decay: float) -> list[dict]:
@@ -180,26 +180,14 @@ class Optimizer:
                 (and a ``"step"`` that is not one non-negative integer).
         """
         own = {f"{buffer}.{name}": array for name, buffers in self.state.items() for buffer, array in buffers.items()}
-        missing = [k for k in ["step", *own] if k not in state]
-        unexpected = [k for k in state if k != "step" and k not in own]
-        mis_shaped = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(state[k].shape)}"
-                      for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-        step = None
+        step, step_problems = None, []
         if "step" in state:
             value = to_numpy(xp.asarray(state["step"]))
             if value.size != 1 or not numpy.issubdtype(value.dtype, numpy.integer) or int(value.reshape(-1)[0]) < 0:
-                mis_shaped.append(f"step: expected one non-negative integer, got {value.dtype}{tuple(value.shape)}")
+                step_problems.append(f"step: expected one non-negative integer, got {value.dtype}{tuple(value.shape)}")
             else:
                 step = int(value.reshape(-1)[0])
-        problems = []
-        if missing:
-            problems.append("missing " + ", ".join(missing))
-        if unexpected:
-            problems.append("unexpected " + ", ".join(unexpected))
-        if mis_shaped:
-            problems.append("wrong shape " + "; ".join(mis_shaped))
-        if problems:
-            raise CheckpointError(f"{type(self).__name__}.load_state_dict: " + " | ".join(problems))
+        check_state(type(self).__name__, own, state, shape_free=("step",), other_problems=step_problems)
         for key, array in own.items():
             array[...] = xp.asarray(state[key], dtype=array.dtype)
         self.step_count = step

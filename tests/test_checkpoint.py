@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mnn.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_generators, save_checkpoint
-from mnn.data import write_idx
+from fake_data import write_fake_mnist
 from mnn.errors import CheckpointError, MnnError
 from mnn.io import load_model, read_tensors, save_model, save_tensors
 from mnn.models import MLP
@@ -55,18 +55,6 @@ def loss_lines(stdout: str) -> list[str]:
     return [" | ".join(parts) for parts in keep]
 
 
-def write_fake_mnist(folder: Path, train: int = 300, test: int = 100, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for prefix, count in [("train", train), ("t10k", test)]:
-        labels = rng.integers(0, 10, count).astype(np.uint8)
-        images = rng.integers(0, 60, (count, 28, 28)).astype(np.uint8)
-        for i, label in enumerate(labels):
-            images[i, 2 * label:2 * label + 3, :] = 255
-        write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
-
-
 def write_text(path: Path, chars: int = 4000) -> Path:
     rng = np.random.default_rng(0)
     words = "the quick brown fox jumps over a lazy dog while the cat sat on the mat".split()
@@ -84,7 +72,7 @@ def assert_same_run(straight: Path, resumed: Path, straight_log: str, resumed_lo
 @pytest.fixture(scope="module")
 def mnist_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mnist")
-    write_fake_mnist(folder)
+    write_fake_mnist(folder, train=300, test=100)
     return folder
 
 

@@ -8,26 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fake_data import write_fake_mnist
 from mnn.cli import main
-from mnn.data import write_idx
 from mnn.io import load_model
 from mnn.train_mlp import MLPTrainConfig, train_mlp
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_fashion = pytest.mark.skipif(not FASHION.exists(), reason="Debian package dataset-fashion-mnist not installed")
-
-
-def write_fake_mnist(folder: Path, train: int = 600, test: int = 200, seed: int = 0) -> None:
-    """A learnable 10-class dataset in MNIST's four IDX files: each class lights its own image band."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for prefix, count in [("train", train), ("t10k", test)]:
-        labels = rng.integers(0, 10, count).astype(np.uint8)
-        images = rng.integers(0, 60, (count, 28, 28)).astype(np.uint8)
-        for i, label in enumerate(labels):
-            images[i, 2 * label:2 * label + 3, :] = 255
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images, gzip=True)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
 
 
 @needs_fashion
@@ -39,7 +26,7 @@ def test_default_recipe_reaches_085_after_one_epoch(seed, tmp_path):
 
 
 def test_train_then_eval_from_the_file_alone(tmp_path, capsys):
-    write_fake_mnist(tmp_path / "data")
+    write_fake_mnist(tmp_path / "data", gzip=True)
     out = tmp_path / "run"
     code = main(["train", "mlp", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--hidden", "32", "16",
                  "--epochs", "3", "--batch-size", "25", "--log-interval", "5", "--lr", "3e-3", "--out", str(out)])
@@ -85,7 +72,7 @@ def test_cli_errors_are_one_line(args, message):
 
 
 def test_cli_refuses_a_broken_data_folder_and_a_non_weights_file(tmp_path):
-    write_fake_mnist(tmp_path)
+    write_fake_mnist(tmp_path, gzip=True)
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x02\x58" + b"\x01" * 10)
     result = run_cli("train", "mlp", "--dataset", "mnist", "--data-dir", str(tmp_path))
     assert result.returncode == 2 and "train-labels-idx1-ubyte" in result.stderr
@@ -97,7 +84,7 @@ def test_cli_refuses_a_broken_data_folder_and_a_non_weights_file(tmp_path):
 
 
 def test_batch_larger_than_the_data_is_refused(tmp_path):
-    write_fake_mnist(tmp_path, train=40, test=10)
+    write_fake_mnist(tmp_path, train=40, test=10, gzip=True)
     result = run_cli("train", "mlp", "--dataset", "mnist", "--data-dir", str(tmp_path), "--batch-size", "64")
     assert result.returncode == 2
     assert "batch size 64 is larger than the 40 training images" in result.stderr
