@@ -9,8 +9,10 @@ batches) twice on the same machine with the same thread count: once with
 over the benchmark's nanoGPT model, on identical batches (the same tokenizer,
 split and seeded window sampler). It records each side's wall time (training
 and evaluation, as a user waits for them) and best val loss in
-``benchmarks/recipe.json``. The two runs cannot be interleaved, so run it on
-a quiet machine; ``--order`` says which goes first.
+``benchmarks/recipe.json``. Each side runs in a fresh Python process of its
+own (one framework's idle worker threads slow the other's down when both
+live in one process on 2 cores); the two runs cannot be interleaved, so run
+it on a quiet machine; ``--order`` says which goes first.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -105,6 +109,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--eval-iters", type=int)
     parser.add_argument("--order", choices=["mnn-first", "torch-first"], default="torch-first")
     parser.add_argument("--out", default=str(Path(__file__).with_name("recipe.json")))
+    parser.add_argument("--side", choices=["mnn", "torch"], help=argparse.SUPPRESS)  # one side, in a child process
     args = parser.parse_args(argv)
     shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
     config = GPTTrainConfig(**PRESETS["shakespeare-char-cpu"], data=args.data or (str(shared) if shared.exists() else None))
@@ -112,13 +117,28 @@ def main(argv=None) -> dict:
         config = replace(config, max_iters=args.max_iters, eval_interval=max(1, args.max_iters // 2))
     if args.eval_iters:
         config = replace(config, eval_iters=args.eval_iters)
+    if args.side:
+        torch.set_num_threads(args.threads)
+        with threadpool_limits(args.threads):
+            result = (run_torch if args.side == "torch" else run_mnn)(config)
+        Path(args.out).write_text(json.dumps(result))
+        return result
 
-    torch.set_num_threads(args.threads)
     runs = {}
-    with threadpool_limits(args.threads):
-        for side in (["torch", "mnn"] if args.order == "torch-first" else ["mnn", "torch"]):
-            runs[side] = (run_torch if side == "torch" else run_mnn)(config)
-            print(f"{side}: {runs[side]['seconds']:.1f} s, best val {runs[side]['best_val']:.4f}", flush=True)
+    for side in (["torch", "mnn"] if args.order == "torch-first" else ["mnn", "torch"]):
+        child = [sys.executable, "-m", "benchmarks.recipe", "--side", side, "--threads", str(args.threads),
+                 "--out", args.out + f".{side}"]
+        if args.data:
+            child += ["--data", args.data]
+        if args.max_iters:
+            child += ["--max-iters", str(args.max_iters)]
+        if args.eval_iters:
+            child += ["--eval-iters", str(args.eval_iters)]
+        subprocess.run(child, check=True, stdout=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
+        side_file = Path(args.out + f".{side}")
+        runs[side] = json.loads(side_file.read_text())
+        side_file.unlink()
+        print(f"{side}: {runs[side]['seconds']:.1f} s, best val {runs[side]['best_val']:.4f}", flush=True)
     report = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": "python -m benchmarks.recipe",
