@@ -88,6 +88,8 @@ def gradcheck(layer, inputs, upstream=None, eps: float = 1e-6, tol: float = 1e-7
 
     errors = {}
     for name, array in targets.items():
+        if not array.flags.c_contiguous:  # perturbing a reshaped copy would change nothing
+            raise ValueError(f"gradcheck: {name} must be C-contiguous (use numpy.ascontiguousarray)")
         numeric = xp.zeros(array.shape, dtype=xp.float64)
         flat, numeric_flat = array.reshape(-1), numeric.reshape(-1)
         for i in range(flat.size):
