@@ -177,11 +177,6 @@ class GPT(Module):
         self.release_caches()
         return logits, present
 
-    def release_caches(self) -> None:
-        """Drop every forward cache (after an inference-only forward)."""
-        for _, module in self.named_modules():
-            module.cache = None
-
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  rng: numpy.random.Generator | None = None, use_cache: bool = True):
         """Sample ``max_new_tokens`` tokens after ``idx (B, T)``; returns the ids ``(B, T + max_new_tokens)`` on the host.

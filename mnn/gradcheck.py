@@ -70,9 +70,7 @@ def gradcheck(layer, inputs, upstream=None, eps: float = 1e-6, tol: float = 1e-7
 
     def objective() -> float:
         value = float(xp.sum(xp.asarray(run(), dtype=xp.float64) * upstream))
-        layer.cache = None
-        for _, module in layer.named_modules():
-            module.cache = None
+        layer.release_caches()
         return value
 
     layer.zero_grad()

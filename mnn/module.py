@@ -96,6 +96,11 @@ class Module:
     def num_parameters(self) -> int:
         return sum(int(p.size) for _, p in self.named_parameters())
 
+    def release_caches(self) -> None:
+        """Drop the forward cache of this module and every sub-module (after a forward with no backward)."""
+        for _, module in self.named_modules():
+            module.cache = None
+
     def zero_grad(self) -> None:
         for _, grad in self.named_grads():
             grad.fill(0)
