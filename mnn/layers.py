@@ -238,12 +238,30 @@ class Log(Module):
 class Softmax(Module):
     r"""Softmax over one axis (the last by default): positive outputs that sum to 1.
 
-    Forward, for one row $x \in \mathbb{R}^n$, shifted by its maximum so that
-    no exponential overflows (the shift cancels in the ratio):
+    Forward, for one row $x \in \mathbb{R}^n$ and any shift $c$ (the factor
+    $e^{-c}$ cancels in the ratio):
 
     $$
-    y_i = \frac{e^{x_i - m}}{\sum_{k=1}^{n} e^{x_k - m}}, \qquad m = \max_k x_k. \tag{1}
+    y_i = \frac{e^{x_i}}{\sum_{k=1}^{n} e^{x_k}} = \frac{e^{x_i - c}}{\sum_{k=1}^{n} e^{x_k - c}}. \tag{1}
     $$
+
+    The shift is there for floating point. With the row maximum, $c = m =
+    \max_k x_k$, no exponential overflows and the largest term is $e^0 = 1$,
+    so the sum is at least 1 and never underflows: the textbook softmax, and
+    the default. But any $c$ for which one term of the row is $e^0 = 1$ keeps
+    the sum $\ge 1$, and a caller that knows such a value can pass it as
+    ``shift``: attention passes each query's score against its own key, a
+    position no causal mask drops, which saves the row maximum (a slow
+    reduction in numpy along short rows: 182 µs on scores of shape
+    ``(12, 4, 64, 64)``, against 20 µs for the row sums). A term more than
+    about 88 above such a $c$ would overflow float32; then the sum is
+    infinite (or NaN for a NaN input), and the code starts again with
+    $c = m$.
+
+    An optional additive ``mask`` $M$ (``0`` to keep, ``-inf`` to drop, e.g. a
+    causal mask) gives $\operatorname{softmax}(x + M)$; a dropped position
+    gets $e^{-\infty} = 0$. Adding a constant has Jacobian $I$, so the
+    backward below is the same with or without it.
 
     Backward. Differentiating the quotient,
 
@@ -286,9 +304,25 @@ class Softmax(Module):
         super().__init__()
         self.axis = axis
 
-    def forward(self, x):
-        shifted = x - x.max(axis=self.axis, keepdims=True)  # Eq. (1): x - m
-        y = xp.exp(shifted, out=shifted)
+    def forward(self, x, mask=None, shift=None):
+        """``softmax(x + mask)`` along ``axis``.
+
+        ``mask`` (optional) broadcasts against ``x``. ``shift`` (optional) is
+        the $c$ of Eq. (1), one value per row (the softmax axis kept with size
+        1) whose own term is in the row; by default the row maximum.
+        """
+        if shift is not None and x.size:
+            y = xp.subtract(x, shift)  # Eq. (1): x - c
+            if mask is not None:
+                y += mask  # x + M - c
+            sums = self._row_sums(xp.exp(y, out=y))  # Eq. (1)
+            if sums.max() < math.inf:  # False for an overflowed term or a NaN: start again with c = m
+                y /= sums  # Eq. (1)
+                self.cache = y
+                return y
+        y = x if mask is None else x + mask
+        y = y - y.max(axis=self.axis, keepdims=True)  # Eq. (1): c = m, the row maximum
+        y = xp.exp(y, out=y)
         y /= self._row_sums(y)  # Eq. (1)
         self.cache = y
         return y

@@ -412,6 +412,12 @@ class MultiHeadAttention(Module):
             self._masks[dtype.name] = square
         return square[T_keys - T:T_keys, :T_keys]
 
+    @staticmethod
+    def own_scores(scores):
+        """Each query's score against its own key, ``(..., T, 1)``: the softmax shift (never masked)."""
+        T, T_keys = scores.shape[-2:]
+        return xp.diagonal(scores, offset=T_keys - T, axis1=-2, axis2=-1)[..., None].copy()
+
     def split_heads(self, qkv, B: int, T: int):
         """``(B*T, 3C)`` -> three views ``(B, NH, T, hs)`` (strided, no copy)."""
         return qkv.reshape(B, T, 3, self.n_head, self.head_size).transpose(2, 0, 3, 1, 4)
@@ -423,9 +429,8 @@ class MultiHeadAttention(Module):
         q, k, v = self.split_heads(qkv, B, T)
         q *= self.scale  # Eq. (2): s Q, in place in c_attn's fresh output (c_attn keeps its input, not this)
         scores = self.scores.forward(q, xp.swapaxes(k, -1, -2))  # Eq. (2): S = (sQ) K^T
-        if self.causal:
-            scores += self.causal_mask(T, dtype=scores.dtype)  # Eq. (2): -inf above the diagonal
-        probs = self.softmax.forward(scores)  # Eq. (3)
+        mask = self.causal_mask(T, dtype=scores.dtype) if self.causal else None  # Eq. (2): -inf above the diagonal
+        probs = self.softmax.forward(scores, mask, self.own_scores(scores))  # Eq. (3)
         probs = self.attn_dropout.forward(probs)  # Eq. (3)
         y = self.weighted_sum.forward(probs, v)  # Eq. (3): Y = A V, (B, NH, T, hs)
         y = y.transpose(0, 2, 1, 3).reshape(B * T, C)  # merge heads
@@ -465,11 +470,9 @@ class MultiHeadAttention(Module):
             k = xp.concatenate((past[0], k), axis=2)
             v = xp.concatenate((past[1], v), axis=2)
         scores = (q * self.scale) @ xp.swapaxes(k, -1, -2)  # Eq. (2)
-        if self.causal:
-            scores += self.causal_mask(T, k.shape[2], dtype=scores.dtype)  # Eq. (2)
-        scores -= scores.max(axis=-1, keepdims=True)
-        probs = xp.exp(scores, out=scores)
-        probs /= probs.sum(axis=-1, keepdims=True)  # Eq. (3)
+        mask = self.causal_mask(T, k.shape[2], dtype=scores.dtype) if self.causal else None  # Eq. (2)
+        probs = self.softmax.forward(scores, mask, self.own_scores(scores))  # Eq. (3)
+        self.softmax.cache = None
         y = (probs @ v).transpose(0, 2, 1, 3).reshape(B * T, C)  # Eq. (3), heads merged
         out = self.c_proj.forward(y)
         self.c_proj.cache = None

@@ -253,3 +253,63 @@ def test_state_dict_is_strict_and_all_or_nothing():
     for k, v in model.state_dict().items():
         np.testing.assert_array_equal(v, state[k])
     assert [n for n, _ in model.named_parameters()] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+# -- Softmax: the additive mask and the caller's shift (attention's own-key score) ------
+CAUSAL = np.triu(np.full((4, 4), -np.inf), k=1)
+
+
+def own_scores(x):
+    return np.diagonal(x, axis1=-2, axis2=-1)[..., None].copy()
+
+
+class CausalSoftmax(Softmax):
+    def forward(self, x):
+        return super().forward(x, CAUSAL, own_scores(x))
+
+
+def test_softmax_with_mask_and_shift_gradcheck_and_matches_torch():
+    x = normal((2, 3, 4, 4))
+    errors = mnn.gradcheck(CausalSoftmax(), x)
+    assert max(errors.values()) <= 1e-7
+    layer, before = Softmax(axis=-1), x.copy()
+    y = layer.forward(x, CAUSAL, own_scores(x))
+    g = normal(y.shape)
+    dx = layer.backward(g)
+    t = torch.tensor(x, requires_grad=True)
+    torch.softmax(t + torch.tensor(CAUSAL), dim=-1).backward(torch.tensor(g))
+    expected = torch.softmax(torch.tensor(x) + torch.tensor(CAUSAL), dim=-1).numpy()
+    assert relative_error(y, expected) <= 1e-14
+    assert relative_error(dx, t.grad.numpy()) <= 1e-14
+    assert np.all(y[..., CAUSAL == -np.inf] == 0.0)  # no query sees a later key
+    assert np.array_equal(x, before)  # the input is left as it was
+
+
+def test_softmax_shift_that_would_overflow_falls_back_to_the_row_maximum():
+    # The shift (each row's first entry) sits 200 below the row's largest entry: e^200 overflows
+    # float32 and float64 alike, so the layer must start again with the row maximum.
+    for dtype in (np.float32, np.float64):
+        x = normal((3, 5)).astype(dtype)
+        x[:, 3] += 200.0
+        y = Softmax().forward(x, shift=x[:, :1].copy())
+        expected = torch.softmax(torch.tensor(x, dtype=torch.float64), dim=-1).numpy()
+        assert np.all(np.isfinite(y)) and y.dtype == dtype
+        assert relative_error(y, expected) <= (1e-6 if dtype == np.float32 else 1e-14)
+
+
+def test_softmax_shift_gives_the_same_result_as_the_row_maximum():
+    x = normal((6, 5)) * 10.0
+    shifted = Softmax().forward(x, shift=x[:, 2:3].copy())  # any entry of the row is a valid shift
+    assert relative_error(shifted, Softmax().forward(x)) <= 1e-14
+
+
+def test_softmax_nan_and_fully_masked_rows_are_nan_as_in_torch():
+    x = normal((3, 4))
+    x[1, 2] = np.nan
+    mask = np.zeros((3, 4))
+    mask[2] = -np.inf  # a row with every position dropped
+    with np.errstate(invalid="ignore"):  # NaN - NaN and -inf - (-inf), as in torch
+        y = Softmax().forward(x, mask, x[:, :1].copy())
+    expected = torch.softmax(torch.tensor(x) + torch.tensor(mask), dim=-1).numpy()
+    assert np.all(np.isnan(y[1:])) and np.all(np.isnan(expected[1:]))
+    assert relative_error(y[0], expected[0]) <= 1e-14
