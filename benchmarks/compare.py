@@ -1,16 +1,19 @@
 """mnn against PyTorch on the CPU, side by side: ``python -m benchmarks.compare [--quick] [--threads 2]``.
 
-For every case of :mod:`benchmarks.cases`, in one process:
+For every case of :mod:`benchmarks.cases`, in one run of this command:
 
-1. both frameworks (and the matrix-product floor) are built from the same
-   weights and data, with the same thread count (``torch.set_num_threads`` and
-   threadpoolctl's limit on numpy's BLAS and every OpenMP pool);
+1. each side (mnn, PyTorch, and the matrix-product floor in numpy) is built
+   in a worker process of its own (:mod:`benchmarks.workers` says why) from
+   the same weights and data, with the same thread count
+   (``torch.set_num_threads`` and threadpoolctl's limit on numpy's BLAS and
+   every OpenMP pool); PyTorch runs with glibc's default malloc settings, as
+   its users run it (``--torch-malloc mnn`` gives it the ones mnn sets);
 2. the first step of each framework is checked: same loss (so the comparison
    is of equal work), and it doubles as warm-up, with more warm-up steps after;
 3. the timed steps are interleaved in blocks of ~0.1 s, mnn / torch / floor,
    the order reversed every other round, so a change of machine load hits all
-   sides alike (see :func:`time_interleaved` for why blocks and not single
-   steps); the figure is the median of >= 50 steps (``--quick``: a few);
+   sides alike (see :func:`time_interleaved`); the figure is the median of
+   >= 50 steps (``--quick``: a few);
 4. peak memory is measured in a fresh subprocess per framework per case: the
    high-water mark of the resident set (``VmHWM``, reset through
    ``/proc/self/clear_refs``; ``ru_maxrss`` where that is not available) minus
@@ -42,6 +45,7 @@ from pathlib import Path
 import numpy
 
 from benchmarks.cases import all_cases
+from benchmarks.workers import Channel, Worker, in_turns, side_environment
 
 FRAMEWORKS = ("mnn", "torch")
 SIDES = ("mnn", "torch", "floor")
@@ -49,7 +53,8 @@ SIDES = ("mnn", "torch", "floor")
 BARS = {"mlp_train_b64": 0.7, "mlp_train_b512": 1.0, "gpt_train": 1.0}
 MEMORY_BARS = ("gpt_train",)
 LOSS_RTOL = 1e-4
-BLOCK_SECONDS = 0.1
+BLOCK_SECONDS = 0.5
+SETTLE_SECONDS = 0.25  # between blocks: the last side's spinning BLAS/OpenMP threads go to sleep (OpenBLAS: ~0.1 s)
 HERE = Path(__file__).resolve().parent
 
 
@@ -64,40 +69,62 @@ def set_threads(threads: int):
 
 
 def time_interleaved(sides: dict, steps: int, warmup: int, block_seconds: float = BLOCK_SECONDS):
-    """Warm up, then time ``steps`` steps of every side in interleaved blocks A B C / C B A.
+    """Warm up, then time ``steps`` steps of every side in blocks, in the order A B C, then C B A, ...
 
-    Returns ``({side: [seconds per step, ...]}, steps per block)``.
+    ``sides`` maps a name to a :class:`~benchmarks.workers.Worker` (each side
+    in its own process). Returns ``({side: [seconds per step, ...]}, steps per block)``.
 
     A block holds as many steps as fill about ``block_seconds`` (one step for
-    a slow case). Interleaving step by step would start every step while the
-    other framework's worker threads still spin-wait for work (OpenBLAS spins
-    ~0.1 s after a product, libgomp less), which on a 2-core machine slows a
-    1 ms step several times over; within a block those threads park and the
-    median is taken over steps that had the cores. Blocks still alternate
-    often, so a change of machine load hits every side alike.
+    a slow case). Before each block the parent waits ``SETTLE_SECONDS``, so the
+    worker threads of the side that ran last (OpenBLAS spins ~0.1 s after a
+    product, OpenMP pools spin too) have parked and the block's steps have the
+    cores; blocks still alternate often, so a change of machine load hits
+    every side alike.
     """
     names = list(sides)
     warm = {name: [] for name in names}
-    for _ in range(max(warmup, 1)):
-        for name in names:
-            started = time.perf_counter()
-            sides[name].step()
-            warm[name].append(time.perf_counter() - started)
+    for name in names:
+        time.sleep(SETTLE_SECONDS)
+        warm[name] += sides[name].call(run=max(warmup, 1))["times"]
     slowest = max(statistics.median(values) for values in warm.values())
     block = max(1, min(steps, math.ceil(block_seconds / slowest)))
     times = {name: [] for name in names}
-    gc.collect()
-    round_ = 0
-    while len(times[names[0]]) < steps:
-        count = min(block, steps - len(times[names[0]]))
-        for name in (names if round_ % 2 == 0 else names[::-1]):
-            step = sides[name].step
-            for _ in range(count):
-                started = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - started)
-        round_ += 1
+
+    def run_block(name: str) -> bool:
+        time.sleep(SETTLE_SECONDS)
+        times[name] += sides[name].call(run=min(block, steps - len(times[name])))["times"]
+        return len(times[name]) >= steps
+
+    in_turns(names, run_block)
     return times, block
+
+
+def serve_side(case_name: str, side_name: str, threads: int, tokens: int) -> None:
+    """The worker process of one side: build it, take one checked first step, then run steps on command."""
+    channel = Channel()
+    if side_name == "torch":
+        import torch  # noqa: PLC0415
+
+        torch.manual_seed(0)
+        torch.set_num_threads(threads)
+    limiter = set_threads(threads)
+    case = next(c for c in all_cases(tokens) if c.name == case_name)
+    state, data = case.prepare()
+    side = case.build(side_name, state, data)
+    first = side.step()
+    from mnn.backend import MALLOC_RETAINS_FREED_MEMORY  # noqa: PLC0415 - imported by the case already
+
+    channel.send({"first_loss": side.loss(first) if side.loss else None,
+                  "mnn_malloc_settings": MALLOC_RETAINS_FREED_MEMORY})
+    gc.collect()
+    while (command := channel.receive()) is not None:
+        durations = []
+        for _ in range(command["run"]):
+            started = time.perf_counter()
+            side.step()
+            durations.append(time.perf_counter() - started)
+        channel.send({"times": durations})
+    del limiter
 
 
 def _relative_iqr(values: list) -> float:
@@ -106,17 +133,20 @@ def _relative_iqr(values: list) -> float:
     return (q3 - q1) / median
 
 
-def run_case(case, steps: int, warmup: int, threads: int) -> dict:
-    """Build the three sides of ``case``, check the first step, time them; the case's result dict."""
-    import torch  # noqa: PLC0415
-
-    torch.manual_seed(0)
-    limiter = set_threads(threads)
-    state, data = case.prepare()
-    sides = {name: case.build(name, state, data) for name in SIDES}
-    first_loss = {name: sides[name].loss(sides[name].step()) for name in FRAMEWORKS}
-    times, block = time_interleaved(sides, steps, max(warmup - 1, 0))
-    del limiter
+def run_case(case, steps: int, warmup: int, threads: int, tokens: int, torch_malloc: str) -> dict:
+    """Start one worker process per side of ``case``, check the first steps, time them; the case's result dict."""
+    sides = {}
+    try:
+        for name in SIDES:
+            sides[name] = Worker("benchmarks.compare", ["--worker", case.name, name, "--threads", str(threads),
+                                                        "--tokens", str(tokens)],
+                                 side_environment(name, torch_malloc))
+        first_loss = {name: sides[name].greeting["first_loss"] for name in FRAMEWORKS}
+        malloc = {name: sides[name].greeting["mnn_malloc_settings"] for name in SIDES}
+        times, block = time_interleaved(sides, steps, max(warmup - 1, 0))
+    finally:
+        for worker in sides.values():
+            worker.close()
     per_unit = {name: 1000.0 * statistics.median(values) / case.units_per_step for name, values in times.items()}
     return {
         "description": case.description,
@@ -128,6 +158,7 @@ def run_case(case, steps: int, warmup: int, threads: int) -> dict:
                   "torch/floor": per_unit["torch"] / per_unit["floor"]},
         "spread": {name: _relative_iqr(values) for name, values in times.items()},
         "first_loss": first_loss,
+        "mnn_malloc_settings": malloc,
         "steps": steps,
         "warmup": warmup,
         "steps_per_block": block,
@@ -178,7 +209,8 @@ def probe_memory(case_name: str, framework: str, threads: int, steps: int, token
     return {"peak_mb": (peak_kb - baseline_kb) / 1024.0, "method": method}
 
 
-def measure_memory(jobs: list[tuple[str, str]], threads: int, steps: int, tokens: int) -> dict:
+def measure_memory(jobs: list[tuple[str, str]], threads: int, steps: int, tokens: int,
+                   torch_malloc: str = "default") -> dict:
     """Run :func:`probe_memory` for every ``(case, framework)`` in its own subprocess, two at a time.
 
     Memory, not time, is measured here, so the probes may overlap.
@@ -186,7 +218,8 @@ def measure_memory(jobs: list[tuple[str, str]], threads: int, steps: int, tokens
     def run(job):
         command = [sys.executable, "-m", "benchmarks.compare", "--probe-memory", *job, "--threads", str(threads),
                    "--probe-steps", str(steps), "--tokens", str(tokens)]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent, check=False)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent, check=False,
+                              env={**os.environ, **side_environment(job[1], torch_malloc)})
         if done.returncode != 0:
             raise RuntimeError(f"memory probe {job} failed:\n{done.stderr}")
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -304,11 +337,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=HERE, help="folder for results.json and results.png")
     parser.add_argument("--tokens", type=int, default=None,
                         help="tokens per generation step (default 63; --quick 8)")
+    parser.add_argument("--torch-malloc", choices=["default", "mnn"], default="default",
+                        help="PyTorch's processes with glibc's default malloc settings (as PyTorch users run it) "
+                             "or with the ones mnn sets when imported")
+    parser.add_argument("--worker", nargs=2, metavar=("CASE", "SIDE"), help=argparse.SUPPRESS)
     parser.add_argument("--probe-memory", nargs=2, metavar=("CASE", "FRAMEWORK"), help=argparse.SUPPRESS)
     parser.add_argument("--probe-steps", type=int, default=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     tokens = args.tokens or (8 if args.quick else 63)
 
+    if args.worker:
+        serve_side(*args.worker, args.threads, tokens)
+        return {}
     if args.probe_memory:
         print(json.dumps(probe_memory(*args.probe_memory, args.threads, args.probe_steps, tokens)))
         return {}
@@ -324,10 +364,11 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "command": "python -m benchmarks.compare" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
-               "quick": args.quick, "machine": machine_info(args.threads), "cases": {}}
+               "quick": args.quick, "machine": machine_info(args.threads), "torch_malloc": args.torch_malloc,
+               "cases": {}}
     for case in cases:
         print(f"timing {case.name} ({steps} interleaved steps) ...", file=sys.stderr, flush=True)
-        result = run_case(case, steps, warmup, args.threads)
+        result = run_case(case, steps, warmup, args.threads, tokens, args.torch_malloc)
         results["cases"][case.name] = result
         losses = result["first_loss"]
         if abs(losses["mnn"] - losses["torch"]) > LOSS_RTOL * abs(losses["torch"]):
@@ -336,7 +377,7 @@ def main(argv=None) -> dict:
     if not args.no_memory:
         print("peak memory (a fresh process per framework per case) ...", file=sys.stderr, flush=True)
         jobs = [(case.name, framework) for case in cases for framework in FRAMEWORKS]
-        probes = measure_memory(jobs, args.threads, 2 if args.quick else 3, tokens)
+        probes = measure_memory(jobs, args.threads, 2 if args.quick else 3, tokens, args.torch_malloc)
         for case in cases:
             results["cases"][case.name]["peak_mb"] = {f: probes[(case.name, f)]["peak_mb"] for f in FRAMEWORKS}
         results["memory_method"] = (

@@ -7,12 +7,19 @@ AdamW 0.9/0.99, weight decay 0.1 on matrices, warm-up 100 then cosine
 batches) twice on the same machine with the same thread count: once with
 ``mnn.train_gpt.train_gpt`` and once with the same loop written in PyTorch
 over the benchmark's nanoGPT model, on identical batches (the same tokenizer,
-split and seeded window sampler). It records each side's wall time (training
-and evaluation, as a user waits for them) and best val loss in
-``benchmarks/recipe.json``. Each side runs in a fresh Python process of its
-own (one framework's idle worker threads slow the other's down when both
-live in one process on 2 cores); the two runs cannot be interleaved, so run
-it on a quiet machine; ``--order`` says which goes first.
+split and seeded window sampler). It records each side's wall time (training and evaluation, as a user waits
+for them: data preparation, every step and every evaluation) and best val
+loss in ``benchmarks/recipe.json``.
+
+The two runs take turns: each framework runs in a worker process of its own
+(:mod:`benchmarks.workers` says why), and the parent lets one side run its
+next ``--block`` iterations (50: about 2 s, plus an evaluation every fifth
+block) while the other waits, in the order A B B A, with a pause between
+blocks for the last side's spinning threads to park. A side's wall time is
+the sum of its blocks, so a slow spell on the shared machine falls on both
+sides alike instead of on whichever ran then. PyTorch runs with glibc's
+default malloc settings, as its users run it; ``--torch-malloc mnn`` gives it
+the settings mnn makes when imported (which speed PyTorch up too).
 """
 
 from __future__ import annotations
@@ -20,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,13 +38,17 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from benchmarks import torch_models
+from benchmarks.workers import Channel, Worker, in_turns, side_environment
 from mnn.data import random_windows, tiny_shakespeare_path
 from mnn.gpt import GPT, GPTConfig
 from mnn.schedules import WarmupCosine
 from mnn.train_gpt import PRESETS, GPTTrainConfig, prepare_text, train_gpt
 
 
-def run_torch(config: GPTTrainConfig) -> dict:
+SETTLE_SECONDS = 0.25  # between turns, for the last side's spinning BLAS/OpenMP threads to park
+
+
+def run_torch(config: GPTTrainConfig, on_iteration=None) -> dict:
     """The recipe in PyTorch, batch for batch the one ``train_gpt`` runs; returns wall time and losses."""
     started = time.perf_counter()
     tokenizer, train_ids, val_ids = prepare_text(tiny_shakespeare_path(config.data))
@@ -74,6 +84,8 @@ def run_torch(config: GPTTrainConfig) -> dict:
 
     best_val, evaluations = math.inf, []
     for it in range(config.max_iters + 1):
+        if on_iteration is not None:
+            on_iteration(it)
         if it % config.eval_interval == 0 or it == config.max_iters:
             losses = estimate_loss()
             evaluations.append({"step": it, **losses})
@@ -92,13 +104,73 @@ def run_torch(config: GPTTrainConfig) -> dict:
     return {"seconds": time.perf_counter() - started, "best_val": best_val, "evaluations": evaluations}
 
 
-def run_mnn(config: GPTTrainConfig) -> dict:
+def run_mnn(config: GPTTrainConfig, on_iteration=None) -> dict:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        result = train_gpt(replace(config, out=out))
+        result = train_gpt(replace(config, out=out), on_iteration=on_iteration)
         history = json.loads((Path(out) / "history.json").read_text())
     evaluations = [{"step": row["step"], "train": row["train"], "val": row["val"]} for row in history if "val" in row]
     return {"seconds": time.perf_counter() - started, "best_val": result["best_val"], "evaluations": evaluations}
+
+
+class Turns:
+    """In a side's worker: run until the next block boundary, report the block's seconds, wait for the next go."""
+
+    def __init__(self, channel: Channel, every: int) -> None:
+        self.channel, self.every, self.started = channel, every, 0.0
+
+    def go(self) -> None:
+        if self.channel.receive() is None:
+            raise SystemExit(0)  # the parent has gone
+        self.started = time.perf_counter()
+
+    def report(self, iteration: int, result: dict | None = None) -> None:
+        self.channel.send({"iteration": iteration, "seconds": time.perf_counter() - self.started, "result": result})
+
+    def __call__(self, it: int) -> None:  # the on_iteration hook
+        if it and it % self.every == 0:
+            self.report(it)
+            self.go()
+
+
+def serve_side(side: str, config: GPTTrainConfig, threads: int, block: int) -> None:
+    channel = Channel()
+    torch.set_num_threads(threads)
+    limiter = threadpool_limits(threads)
+    from mnn.backend import MALLOC_RETAINS_FREED_MEMORY  # noqa: PLC0415
+
+    channel.send({"side": side, "mnn_malloc_settings": MALLOC_RETAINS_FREED_MEMORY})
+    turns = Turns(channel, block)
+    turns.go()
+    result = (run_torch if side == "torch" else run_mnn)(config, turns)
+    turns.report(config.max_iters, {**result, "mnn_malloc_settings": MALLOC_RETAINS_FREED_MEMORY})
+    del limiter
+
+
+def run_in_turns(config_args: list[str], threads: int, block: int, order: list[str], torch_malloc: str) -> dict:
+    """Both sides in worker processes, block by block in turns; ``{side: result}`` with summed ``seconds``."""
+    workers, runs, seconds = {}, {}, dict.fromkeys(order, 0.0)
+    try:
+        for side in order:
+            workers[side] = Worker("benchmarks.recipe", ["--side", side, "--threads", str(threads),
+                                                         "--block", str(block), *config_args],
+                                   side_environment(side, torch_malloc))
+
+        def run_block(side: str) -> bool:
+            time.sleep(SETTLE_SECONDS)
+            reply = workers[side].call(go=True)
+            seconds[side] += reply["seconds"]
+            if reply["result"] is None:
+                return False
+            runs[side] = {**reply["result"], "seconds": seconds[side]}
+            print(f"{side}: {seconds[side]:.1f} s, best val {runs[side]['best_val']:.4f}", flush=True)
+            return True
+
+        in_turns(order, run_block)
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return runs
 
 
 def main(argv=None) -> dict:
@@ -107,9 +179,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-iters", type=int, help="shorten the recipe (for a smoke test)")
     parser.add_argument("--eval-iters", type=int)
-    parser.add_argument("--order", choices=["mnn-first", "torch-first"], default="torch-first")
+    parser.add_argument("--order", choices=["mnn-first", "torch-first"], default="torch-first",
+                        help="which side runs the first block")
+    parser.add_argument("--block", type=int, default=50, help="iterations per turn")
+    parser.add_argument("--torch-malloc", choices=["default", "mnn"], default="default",
+                        help="PyTorch with glibc's default malloc settings, or with the ones mnn sets")
     parser.add_argument("--out", default=str(Path(__file__).with_name("recipe.json")))
-    parser.add_argument("--side", choices=["mnn", "torch"], help=argparse.SUPPRESS)  # one side, in a child process
+    parser.add_argument("--side", choices=["mnn", "torch"], help=argparse.SUPPRESS)  # one side, in a worker process
     args = parser.parse_args(argv)
     shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
     config = GPTTrainConfig(**PRESETS["shakespeare-char-cpu"], data=args.data or (str(shared) if shared.exists() else None))
@@ -117,31 +193,22 @@ def main(argv=None) -> dict:
         config = replace(config, max_iters=args.max_iters, eval_interval=max(1, args.max_iters // 2))
     if args.eval_iters:
         config = replace(config, eval_iters=args.eval_iters)
+    if args.block < 1:
+        parser.error(f"--block must be >= 1, got {args.block}")
     if args.side:
-        torch.set_num_threads(args.threads)
-        with threadpool_limits(args.threads):
-            result = (run_torch if args.side == "torch" else run_mnn)(config)
-        Path(args.out).write_text(json.dumps(result))
-        return result
+        serve_side(args.side, config, args.threads, args.block)
+        return {}
 
-    runs = {}
-    for side in (["torch", "mnn"] if args.order == "torch-first" else ["mnn", "torch"]):
-        child = [sys.executable, "-m", "benchmarks.recipe", "--side", side, "--threads", str(args.threads),
-                 "--out", args.out + f".{side}"]
-        if args.data:
-            child += ["--data", args.data]
-        if args.max_iters:
-            child += ["--max-iters", str(args.max_iters)]
-        if args.eval_iters:
-            child += ["--eval-iters", str(args.eval_iters)]
-        subprocess.run(child, check=True, stdout=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
-        side_file = Path(args.out + f".{side}")
-        runs[side] = json.loads(side_file.read_text())
-        side_file.unlink()
-        print(f"{side}: {runs[side]['seconds']:.1f} s, best val {runs[side]['best_val']:.4f}", flush=True)
+    config_args = [f"--{name}={value}" for name, value in (("data", args.data), ("max-iters", args.max_iters),
+                                                            ("eval-iters", args.eval_iters)) if value]
+    order = ["torch", "mnn"] if args.order == "torch-first" else ["mnn", "torch"]
+    runs = run_in_turns(config_args, args.threads, args.block, order, args.torch_malloc)
     report = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": "python -m benchmarks.recipe",
+        "command": "python -m benchmarks.recipe" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
+        "method": f"in turns of {args.block} iterations, each side in its own process, A B B A; "
+                  f"seconds = sum of a side's turns; PyTorch with {args.torch_malloc} malloc settings",
+        "torch_malloc": args.torch_malloc,
         "threads": args.threads, "cores": __import__("os").cpu_count(),
         "numpy": numpy.__version__, "torch": torch.__version__,
         "config": asdict(config),

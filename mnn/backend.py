@@ -119,7 +119,7 @@ def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 51
         return False
 
 
-retain_freed_memory()
+MALLOC_RETAINS_FREED_MEMORY = retain_freed_memory()  # whether the call above took effect in this process
 
 if os.environ.get("MNN_DEVICE"):
     use(os.environ["MNN_DEVICE"])

@@ -124,7 +124,7 @@ def check_config(config: GPTTrainConfig) -> None:
         raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
 
 
-def train_gpt(config: GPTTrainConfig, resume=None) -> dict:
+def train_gpt(config: GPTTrainConfig, resume=None, on_iteration=None) -> dict:
     """Train with AdamW, warm-up + cosine, clipping; keep the best-val weights in ``config.out``.
 
     A full checkpoint (``checkpoint.safetensors``: weights, AdamW moments,
@@ -136,6 +136,11 @@ def train_gpt(config: GPTTrainConfig, resume=None) -> dict:
     A non-finite loss or gradient norm stops the run with
     :class:`TrainingError` (the checkpoints are kept), or the step is skipped
     with ``skip_nonfinite``.
+
+    ``on_iteration(it)``, if given, is called at the top of every iteration
+    ``it`` (before its evaluation, if any, and its step), up to and including
+    ``it = max_iters``, which only evaluates: for a progress display of your
+    own, or to hand the machine over in turns (``benchmarks.recipe``).
 
     Returns:
         ``{"best_val": ..., "train": ..., "val": ..., "iters": ...}``, and
@@ -193,12 +198,15 @@ def train_gpt(config: GPTTrainConfig, resume=None) -> dict:
         return (f"the last checkpoint (step {saved_step}) is kept in {checkpoint_path}, the best weights "
                 f"(val {best_val:.4f}) in {out / WEIGHTS_NAME}; resume with: {resume_command('gpt', out)}")
 
+    grads = [grad for _, grad in model.named_grads()]  # the same arrays every step: collected once
     bar = progress_bar(config.max_iters, initial=start, description="train")
     timer = StepTimer()
     interval = config.checkpoint_interval
     with StopRequest() as stop:
         for it in range(start, config.max_iters + 1):
             evaluated_here = it == start and evaluated
+            if on_iteration is not None:
+                on_iteration(it)
             if stop.requested:  # the signal came during the last step: save before anything else
                 save_checkpoint_at(it, evaluated_here)
                 break
@@ -231,7 +239,7 @@ def train_gpt(config: GPTTrainConfig, resume=None) -> dict:
             norm = math.nan
             if math.isfinite(loss_value):
                 model.backward(loss_fn.backward())
-                norm = clip_grad_norm(model.named_grads(), config.grad_clip)
+                norm = clip_grad_norm(grads, config.grad_clip)
             if not math.isfinite(loss_value) or not math.isfinite(norm):
                 what, value = ("loss", loss_value) if not math.isfinite(loss_value) else ("gradient norm", norm)
                 if not config.skip_nonfinite or not weights_finite(model):

@@ -18,6 +18,7 @@ import pytest
 
 from benchmarks import compare
 from benchmarks.cases import all_cases
+from benchmarks.workers import Worker, in_turns, side_environment
 from mnn.layers import Linear
 
 
@@ -95,3 +96,30 @@ def test_linear_without_input_gradient_gives_the_same_parameter_gradients():
     for key in ("weight", "bias"):
         np.testing.assert_array_equal(full.grads[key], skip.grads[key])
     assert "input_grad=False" in repr(skip) and "input_grad" not in repr(full)
+
+
+def test_sides_take_turns_a_b_then_b_a_until_each_is_done():
+    calls, remaining = [], {"mnn": 3, "torch": 2}
+
+    def block(name):
+        calls.append(name)
+        remaining[name] -= 1
+        return remaining[name] == 0
+
+    in_turns(["mnn", "torch"], block)
+    assert calls == ["mnn", "torch", "torch", "mnn", "mnn"]
+
+
+def test_pytorch_runs_without_mnns_malloc_settings_unless_asked(quick_run):
+    assert side_environment("torch") == {"MNN_RETAIN_FREED_MEMORY": "0"}
+    assert side_environment("torch", "mnn") == {} and side_environment("mnn") == {}
+    assert quick_run[2]["torch_malloc"] == "default"
+    for case in quick_run[2]["cases"].values():  # as reported by each worker process itself
+        assert case["mnn_malloc_settings"]["torch"] is False and case["mnn_malloc_settings"]["mnn"] is True
+    with pytest.raises(ValueError, match="torch_malloc"):
+        side_environment("torch", "fast")
+
+
+def test_a_failing_worker_shows_its_error():
+    with pytest.raises(RuntimeError, match=r"(?s)exited with code [1-9]:.*Traceback.*StopIteration"):
+        Worker("benchmarks.compare", ["--worker", "no_such_case", "mnn"])

@@ -13,10 +13,15 @@ SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "
 @pytest.mark.skipif(not SHAKESPEARE.exists(), reason="../shared/data/tinyshakespeare.txt is not beside the checkout")
 def test_recipe_benchmark_compares_equal_work(tmp_path):
     out = tmp_path / "recipe.json"
-    report = recipe.main(["--data", str(SHAKESPEARE), "--max-iters", "6", "--eval-iters", "2", "--out", str(out)])
+    report = recipe.main(["--data", str(SHAKESPEARE), "--max-iters", "6", "--eval-iters", "2", "--block", "2",
+                           "--out", str(out)])
     assert json.loads(out.read_text())["runs"].keys() == {"mnn", "torch"}
     mnn_evals, torch_evals = report["runs"]["mnn"]["evaluations"], report["runs"]["torch"]["evaluations"]
     assert [e["step"] for e in mnn_evals] == [e["step"] for e in torch_evals] == [0, 3, 6]
     for ours, theirs in zip(mnn_evals, torch_evals):  # same weights, same batches: the same losses
         assert abs(ours["val"] - theirs["val"]) < 1e-3 and abs(ours["train"] - theirs["train"]) < 1e-3
     assert report["ratio"]["mnn/torch seconds"] > 0
+    assert "in turns of 2 iterations" in report["method"]
+    # Each worker reports whether mnn's malloc settings are on in its process: PyTorch runs as its users run it.
+    assert report["runs"]["torch"]["mnn_malloc_settings"] is False
+    assert report["runs"]["mnn"]["mnn_malloc_settings"] is True
