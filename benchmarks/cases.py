@@ -236,21 +236,23 @@ class GPTStep(Case):
     def build_mnn(self, state, data):
         from mnn.losses import CrossEntropyLoss  # noqa: PLC0415
         from mnn.optim import AdamW, clip_grad_norm, param_groups  # noqa: PLC0415
+        from mnn.parallel import DataParallel  # noqa: PLC0415
+        from mnn.train_gpt import GPTTrainConfig  # noqa: PLC0415
 
         model = mnn_gpt(state)
-        loss_fn = CrossEntropyLoss()
+        parallel = DataParallel(model, CrossEntropyLoss(), GPTTrainConfig.replicas)  # as train_gpt runs it
         optimizer = AdamW(param_groups(model, ADAMW["weight_decay"]), lr=ADAMW["lr"], betas=ADAMW["betas"])
+        grads = [grad for _, grad in model.named_grads()]
         x, y = data["x"], data["y"]
 
         def step():  # the loop body of mnn.train_gpt
             optimizer.zero_grad()
-            loss = loss_fn.forward(model.forward(x), y)
-            model.backward(loss_fn.backward())
-            clip_grad_norm(model.named_grads(), GRAD_CLIP)
+            loss = parallel.forward_backward(x, y)
+            clip_grad_norm(grads, GRAD_CLIP)
             optimizer.step()
             return loss
 
-        return Side(step, float, [model, optimizer])
+        return Side(step, float, [model, optimizer, parallel])
 
     def build_torch(self, state, data):
         import torch  # noqa: PLC0415

@@ -103,6 +103,8 @@ def add_gpt_parser(train) -> None:
     gpt.add_argument("--weight-decay", type=non_negative_float)
     gpt.add_argument("--dropout", type=probability)
     gpt.add_argument("--seed", type=non_negative_int)
+    gpt.add_argument("--replicas", type=positive_int,
+                     help="slices of each batch trained at once, one thread each (default 2; see mnn.parallel)")
     add_checkpoint_options(gpt, "gpt", "after every evaluation")
 
 

@@ -253,10 +253,11 @@ class Softmax(Module):
     ``shift``: attention passes each query's score against its own key, a
     position no causal mask drops, which saves the row maximum (a slow
     reduction in numpy along short rows: 182 µs on scores of shape
-    ``(12, 4, 64, 64)``, against 20 µs for the row sums). A term more than
-    about 88 above such a $c$ would overflow float32; then the sum is
-    infinite (or NaN for a NaN input), and the code starts again with
-    $c = m$.
+    ``(12, 4, 64, 64)``, against 20 µs for the row sums). Before the
+    exponentials it checks, with one fast maximum over the whole array, that
+    no $x_i - c$ reaches $\ln(\text{largest float}) - \ln n$ (about 84
+    in float32 for $n = 64$), beyond which a row could overflow; if one does
+    (or there is a NaN), it shifts by the row maximum after all.
 
     An optional additive ``mask`` $M$ (``0`` to keep, ``-inf`` to drop, e.g. a
     causal mask) gives $\operatorname{softmax}(x + M)$; a dropped position
@@ -304,28 +305,33 @@ class Softmax(Module):
         super().__init__()
         self.axis = axis
 
-    def forward(self, x, mask=None, shift=None):
+    def forward(self, x, mask=None, shift=None, out=None):
         """``softmax(x + mask)`` along ``axis``.
 
         ``mask`` (optional) broadcasts against ``x``. ``shift`` (optional) is
         the $c$ of Eq. (1), one value per row (the softmax axis kept with size
-        1) whose own term is in the row; by default the row maximum.
+        1) whose own term is in the row; by default the row maximum. ``out``
+        (optional) receives the result and may be ``x`` itself.
         """
-        if shift is not None and x.size:
-            y = xp.subtract(x, shift)  # Eq. (1): x - c
+        if shift is not None:
+            y = xp.subtract(x, shift, out=out)  # Eq. (1): x - c
             if mask is not None:
-                y += mask  # x + M - c
-            sums = self._row_sums(xp.exp(y, out=y))  # Eq. (1)
-            if sums.max() < math.inf:  # False for an overflowed term or a NaN: start again with c = m
-                y /= sums  # Eq. (1)
-                self.cache = y
-                return y
-        y = x if mask is None else x + mask
-        y = y - y.max(axis=self.axis, keepdims=True)  # Eq. (1): c = m, the row maximum
+                y += mask  # Eq. (1): x + M - c
+            if y.size and not y.max() < self._largest_exponent(y):  # a term would overflow, or a NaN:
+                y -= y.max(axis=self.axis, keepdims=True)  # Eq. (1): shift by the row maximum after all
+        elif mask is None:
+            y = xp.subtract(x, x.max(axis=self.axis, keepdims=True), out=out)  # Eq. (1): c = m
+        else:
+            y = xp.add(x, mask, out=out)
+            y -= y.max(axis=self.axis, keepdims=True)  # Eq. (1): c = m
         y = xp.exp(y, out=y)
         y /= self._row_sums(y)  # Eq. (1)
         self.cache = y
         return y
+
+    def _largest_exponent(self, a) -> float:
+        """The largest exponent for which a whole row of $e^{z}$ still sums to a finite number."""
+        return math.log(float(xp.finfo(a.dtype).max)) - math.log(a.shape[self.axis])
 
     def _row_sums(self, a):
         """Sums along the softmax axis, kept as a size-1 axis (einsum: faster than ``sum`` on short rows)."""
@@ -506,12 +512,12 @@ class MatrixProduct(Module):
     Cache: both inputs (each is needed for the other's gradient).
     """
 
-    def forward(self, q, p):
+    def forward(self, q, p, out=None):
         if q.ndim < 2 or p.ndim < 2 or q.shape[:-2] != p.shape[:-2] or q.shape[-1] != p.shape[-2]:
             raise ShapeError(f"{self!r}: cannot multiply Q {tuple(q.shape)} by P {tuple(p.shape)}: "
                              "expected (..., n, k) and (..., k, m) with the same leading dims")
         self.cache = (q, p)
-        return q @ p  # Eq. (1)
+        return xp.matmul(q, p, out=out)  # Eq. (1)
 
     def backward(self, dd):
         q, p = self.pop_cache()

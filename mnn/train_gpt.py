@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy
 
-from mnn.backend import asarray
+from mnn.backend import asarray, xp
 from mnn.data import CharTokenizer, load_text, random_windows, split_train_val, tiny_shakespeare_path
 from mnn.checkpoint import (
     CHECKPOINT_NAME,
@@ -27,6 +27,7 @@ from mnn.gpt import GPT, GPTConfig
 from mnn.io import load_model, save_model
 from mnn.losses import CrossEntropyLoss
 from mnn.optim import AdamW, clip_grad_norm, param_groups
+from mnn.parallel import DataParallel
 from mnn.schedules import WarmupCosine
 from mnn.training import History, StepTimer, StopRequest, log, progress_bar, resume_command
 
@@ -59,6 +60,7 @@ class GPTTrainConfig:
     seed: int = 1337
     checkpoint_interval: int | None = None  # iterations between extra checkpoints (one is saved at every eval)
     skip_nonfinite: bool = False  # skip a step whose loss or gradient norm is NaN/inf instead of stopping
+    replicas: int = 2  # slices of each batch run at once in threads (mnn.parallel); 1 on a GPU
 
 
 PRESETS = {
@@ -84,16 +86,17 @@ def prepare_text(path) -> tuple[CharTokenizer, numpy.ndarray, numpy.ndarray]:
 EVAL_WINDOWS_PER_FORWARD = 128  # evaluation batches are stacked up to this many windows per forward pass
 
 
-def estimate_loss(model, loss_fn, splits: dict, config: GPTTrainConfig, rng) -> dict:
+def estimate_loss(parallel: DataParallel, splits: dict, config: GPTTrainConfig, rng) -> dict:
     """Mean loss over ``eval_iters`` random batches of each split, in evaluation mode.
 
     The batches are drawn one by one, exactly as nanoGPT draws them, then
     stacked so that each forward pass sees up to ``EVAL_WINDOWS_PER_FORWARD``
     windows: larger matrix products and fewer Python calls for the same
     estimate (every window has the same number of tokens, so the mean over the
-    stacked windows is the mean of the per-batch means).
+    stacked windows is the mean of the per-batch means). The stacked windows
+    are shared out among the replicas of ``parallel``.
     """
-    model.eval()
+    parallel.train(False)
     losses = {}
     per_forward = max(1, EVAL_WINDOWS_PER_FORWARD // config.batch_size)
     for name, ids in splits.items():
@@ -103,11 +106,9 @@ def estimate_loss(model, loss_fn, splits: dict, config: GPTTrainConfig, rng) -> 
             chunk = batches[start:start + per_forward]
             x = numpy.concatenate([x for x, _ in chunk])
             y = numpy.concatenate([y for _, y in chunk])
-            total += float(loss_fn.forward(model.forward(asarray(x)), asarray(y))) * len(chunk)
-            model.release_caches()
+            total += parallel.evaluate(asarray(x), asarray(y)) * len(chunk)
         losses[name] = total / config.eval_iters
-    loss_fn.cache = None
-    model.train()
+    parallel.train(True)
     return losses
 
 
@@ -122,6 +123,8 @@ def check_config(config: GPTTrainConfig) -> None:
         raise ValueError(f"n_embd {config.n_embd} must be divisible by n_head {config.n_head}")
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
+    if not isinstance(config.replicas, int) or isinstance(config.replicas, bool) or config.replicas < 1:
+        raise ValueError(f"replicas must be a positive integer, got {config.replicas!r}")
 
 
 def train_gpt(config: GPTTrainConfig, resume=None, on_iteration=None) -> dict:
@@ -163,7 +166,9 @@ def train_gpt(config: GPTTrainConfig, resume=None, on_iteration=None) -> dict:
                             config.lr_decay_iters or config.max_iters)
     batch_rng = numpy.random.default_rng([config.seed, 1])
     eval_rng = numpy.random.default_rng([config.seed, 2])
-    generators = {"batch": batch_rng, "eval": eval_rng, **model_generators(model)}
+    on_cpu = xp.__name__ == "numpy"  # threads share one GPU to no gain: one replica there
+    parallel = DataParallel(model, loss_fn, config.replicas if on_cpu else 1)
+    generators = {"batch": batch_rng, "eval": eval_rng, **model_generators(model), **parallel.generators()}
     out = Path(config.out)
     checkpoint_path = out / CHECKPOINT_NAME
     history = History()
@@ -212,7 +217,7 @@ def train_gpt(config: GPTTrainConfig, resume=None, on_iteration=None) -> dict:
                 break
             if (it % config.eval_interval == 0 or it == config.max_iters) and not evaluated_here:
                 started = time.perf_counter()
-                last = estimate_loss(model, loss_fn, {"train": train_ids, "val": val_ids}, config, eval_rng)
+                last = estimate_loss(parallel, {"train": train_ids, "val": val_ids}, config, eval_rng)
                 timer.start += time.perf_counter() - started  # evaluation does not count as step time
                 step_ms = timer.read_ms() if it else 0.0
                 log(f"step {it} | train {last['train']:.4f} | val {last['val']:.4f} | "
@@ -234,11 +239,9 @@ def train_gpt(config: GPTTrainConfig, resume=None, on_iteration=None) -> dict:
             optimizer.lr = schedule(it)
             x, y = random_windows(train_ids, config.block_size, config.batch_size, batch_rng)
             optimizer.zero_grad()
-            loss = loss_fn.forward(model.forward(asarray(x)), asarray(y))
-            loss_value = float(loss)
+            loss_value = parallel.forward_backward(asarray(x), asarray(y))
             norm = math.nan
             if math.isfinite(loss_value):
-                model.backward(loss_fn.backward())
                 norm = clip_grad_norm(grads, config.grad_clip)
             if not math.isfinite(loss_value) or not math.isfinite(norm):
                 what, value = ("loss", loss_value) if not math.isfinite(loss_value) else ("gradient norm", norm)
@@ -247,7 +250,6 @@ def train_gpt(config: GPTTrainConfig, resume=None, on_iteration=None) -> dict:
                     raise TrainingError(f"{what} became {value} at step {it}: training stopped; {kept_message()}. "
                                         f"Lower the learning rate{hint}")
                 log(f"step {it} | {what} {value}: step skipped", bar)
-                loss_fn.cache = None
             else:
                 optimizer.step()
             timer.tick()
@@ -259,6 +261,7 @@ def train_gpt(config: GPTTrainConfig, resume=None, on_iteration=None) -> dict:
                 save_checkpoint_at(it + 1, False)
     if bar is not None:
         bar.close()
+    parallel.close()
 
     history.write(out)
     history.plot(out / "loss.png", ["loss", "train", "val"], "GPT on " + Path(config.data or "tiny shakespeare").name)

@@ -276,6 +276,9 @@ class GELU(Module):
         gate = xp.tanh(u, out=u)
         gate += 1.0
         gate *= 0.5  # Eq. (1): a = (1 + tanh u) / 2
+        if not self.training:  # nothing to keep for a backward: the output takes the gate's memory
+            gate *= x  # Eq. (1)
+            return gate
         self.cache = (x, gate)
         return x * gate  # Eq. (1)
 
@@ -418,6 +421,11 @@ class MultiHeadAttention(Module):
         T, T_keys = scores.shape[-2:]
         return xp.diagonal(scores, offset=T_keys - T, axis1=-2, axis2=-1)[..., None].copy()
 
+    def merge_view(self, y_all):
+        """``(B, T, C)`` seen as ``(B, NH, T, hs)``: head ``h`` is columns ``h hs .. (h+1) hs - 1`` (a view)."""
+        B, T, _ = y_all.shape
+        return y_all.reshape(B, T, self.n_head, self.head_size).transpose(0, 2, 1, 3)
+
     def split_heads(self, qkv, B: int, T: int):
         """``(B*T, 3C)`` -> three views ``(B, NH, T, hs)`` (strided, no copy)."""
         return qkv.reshape(B, T, 3, self.n_head, self.head_size).transpose(2, 0, 3, 1, 4)
@@ -430,11 +438,11 @@ class MultiHeadAttention(Module):
         q *= self.scale  # Eq. (2): s Q, in place in c_attn's fresh output (c_attn keeps its input, not this)
         scores = self.scores.forward(q, xp.swapaxes(k, -1, -2))  # Eq. (2): S = (sQ) K^T
         mask = self.causal_mask(T, dtype=scores.dtype) if self.causal else None  # Eq. (2): -inf above the diagonal
-        probs = self.softmax.forward(scores, mask, self.own_scores(scores))  # Eq. (3)
+        probs = self.softmax.forward(scores, mask, self.own_scores(scores), out=scores)  # Eq. (3), in place
         probs = self.attn_dropout.forward(probs)  # Eq. (3)
-        y = self.weighted_sum.forward(probs, v)  # Eq. (3): Y = A V, (B, NH, T, hs)
-        y = y.transpose(0, 2, 1, 3).reshape(B * T, C)  # merge heads
-        out = self.resid_dropout.forward(self.c_proj.forward(y))
+        y = xp.empty((B, T, C), dtype=probs.dtype)  # the heads side by side: Y_all
+        self.weighted_sum.forward(probs, v, out=self.merge_view(y))  # Eq. (3): Y = A V, written merged
+        out = self.resid_dropout.forward(self.c_proj.forward(y.reshape(B * T, C)))
         self.cache = (B, T)
         return out.reshape(B, T, C)
 
@@ -442,7 +450,7 @@ class MultiHeadAttention(Module):
         B, T = self.pop_cache()
         C, NH, hs = self.n_embd, self.n_head, self.head_size
         dy = self.c_proj.backward(self.resid_dropout.backward(dy.reshape(B * T, C)))
-        dy = dy.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # un-merge heads: a strided view
+        dy = self.merge_view(dy.reshape(B, T, C))  # un-merge heads: a strided view
         dprobs, dv = self.weighted_sum.backward(dy)  # Eq. (4)
         dscores = self.softmax.backward(self.attn_dropout.backward(dprobs))  # Eq. (5)
         dq_scaled, dk_transposed = self.scores.backward(dscores)  # Eq. (6) before the factor s
@@ -471,10 +479,11 @@ class MultiHeadAttention(Module):
             v = xp.concatenate((past[1], v), axis=2)
         scores = (q * self.scale) @ xp.swapaxes(k, -1, -2)  # Eq. (2)
         mask = self.causal_mask(T, k.shape[2], dtype=scores.dtype) if self.causal else None  # Eq. (2)
-        probs = self.softmax.forward(scores, mask, self.own_scores(scores))  # Eq. (3)
+        probs = self.softmax.forward(scores, mask, self.own_scores(scores), out=scores)  # Eq. (3)
         self.softmax.cache = None
-        y = (probs @ v).transpose(0, 2, 1, 3).reshape(B * T, C)  # Eq. (3), heads merged
-        out = self.c_proj.forward(y)
+        y = xp.empty((B, T, C), dtype=probs.dtype)
+        xp.matmul(probs, v, out=self.merge_view(y))  # Eq. (3), heads merged
+        out = self.c_proj.forward(y.reshape(B * T, C))
         self.c_proj.cache = None
         return out.reshape(B, T, C), (k, v)
 

@@ -313,3 +313,13 @@ def test_softmax_nan_and_fully_masked_rows_are_nan_as_in_torch():
     expected = torch.softmax(torch.tensor(x) + torch.tensor(mask), dim=-1).numpy()
     assert np.all(np.isnan(y[1:])) and np.all(np.isnan(expected[1:]))
     assert relative_error(y[0], expected[0]) <= 1e-14
+
+
+@pytest.mark.parametrize("offset", [0.0, 200.0])  # 200: the overflow check sends it to the row maximum
+def test_softmax_in_place_gives_the_same_result(offset):
+    x = normal((2, 4, 4))
+    x[..., 1] += offset
+    expected = Softmax().forward(x, CAUSAL, own_scores(x))
+    buffer = x.copy()
+    y = Softmax().forward(buffer, CAUSAL, own_scores(buffer), out=buffer)
+    assert y is buffer and np.array_equal(y, expected) and np.all(np.isfinite(y))

@@ -5,6 +5,7 @@ Also: a non-finite loss stops training and keeps the last good checkpoint, or is
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -154,11 +155,18 @@ def test_every_bad_input_gets_one_clear_line_and_the_doc_shows_it(workdir, capsy
 
 # -- non-finite losses ---------------------------------------------------------------
 def nan_loss_at(monkeypatch, calls_to_poison):
-    """Make CrossEntropyLoss.forward return NaN on the given (1-based) training calls."""
+    """Make CrossEntropyLoss.forward return NaN on the given (1-based) calls made on the main thread.
+
+    The main thread runs replica 0's slice of every batch (mnn.parallel), so
+    the count goes as without replicas and does not depend on thread timing;
+    the NaN of one slice must reach the loss of the whole batch.
+    """
     original, count = mnn.losses.CrossEntropyLoss.forward, [0]
 
     def forward(self, logits, targets):
         loss = original(self, logits, targets)
+        if threading.current_thread() is not threading.main_thread():
+            return loss
         count[0] += 1
         return loss * np.float32("nan") if count[0] in calls_to_poison else loss
 

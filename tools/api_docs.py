@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "mnn"
 # The modules documented, in reading order. Missing ones are skipped, so the
 # reference grows as the library does.
-MODULES = ["module", "layers", "losses", "optim", "schedules", "models", "transformer", "gpt", "gradcheck"]
+MODULES = ["module", "layers", "losses", "optim", "schedules", "models", "transformer", "gpt", "parallel", "gradcheck"]
 # Modules whose Module subclasses are layers/losses/models: their pages carry a
 # gradient-check line (from docs/gradcheck.json, see tools/gradcheck_report.py).
 GRADCHECKED_MODULES = {"layers", "losses", "models", "transformer", "gpt"}

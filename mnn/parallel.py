@@ -1,0 +1,163 @@
+r"""Data parallelism in threads: replicas share the weights, each takes a slice of the batch, gradients add up.
+
+Why it pays on a CPU. numpy runs every element-wise operation (GELU,
+LayerNorm, softmax, the optimizer) on one core, and OpenBLAS splits each
+matrix product over the cores, with a synchronisation per product; on the
+small products of a small model that leaves the second core idle or spinning
+most of the step. Giving each core a whole slice of the batch instead, each
+replica's products on a single BLAS thread, keeps every core busy through the
+element-wise work too: numpy releases the GIL inside its loops and in BLAS, so
+Python threads run them in parallel. Measured on 2 cores (nanoGPT's CPU
+Shakespeare config): training step 37.6 -> 33 ms, evaluation forward 13.5 ->
+10.5 ms per batch of 12.
+
+On a GPU (CuPy) there is nothing to gain; use one replica there.
+"""
+
+from __future__ import annotations
+
+import copy
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy
+
+from mnn.module import Module
+
+
+def share_weights(model: Module) -> Module:
+    """A replica of ``model``: the same parameter arrays, its own gradient buffers, caches and dropout generators.
+
+    Tied parameters stay tied in the replica (one gradient buffer). Each
+    distinct ``numpy.random.Generator`` the model's modules hold as ``.rng``
+    gets an independent child stream (``Generator.spawn``), so the replica's
+    dropout masks differ from the model's.
+    """
+    replica = copy.deepcopy(model)  # keeps the sharing inside the copy: tied weights, shared generators
+    originals = dict(model.named_modules())
+    children: dict = {}
+    for name, module in replica.named_modules():
+        original = originals[name]
+        for key in module.params:
+            module.params[key] = original.params[key]  # the same array: an update reaches every replica
+        rng = getattr(original, "rng", None)
+        if isinstance(rng, numpy.random.Generator):
+            if id(rng) not in children:
+                children[id(rng)] = rng.spawn(1)[0]
+            module.rng = children[id(rng)]
+    return replica
+
+
+class DataParallel:
+    r"""Run ``model`` and ``loss_fn`` on ``replicas`` slices of each batch at once, in threads.
+
+    The gradient. For a loss that is a mean over the $N$ rows of a batch, split
+    into shards of $N_k$ rows with shard means $L_k$,
+
+    $$
+    L = \frac{1}{N} \sum_{n=1}^{N} \ell_n = \sum_k \frac{N_k}{N}\, L_k
+    \qquad\Longrightarrow\qquad
+    \frac{\partial L}{\partial \theta} = \sum_k \frac{N_k}{N}\, \frac{\partial L_k}{\partial \theta}. \tag{1}
+    $$
+
+    Replica $k$ backpropagates its shard's loss with the upstream gradient
+    $N_k / N$ (instead of 1), which is the vector-Jacobian product of the
+    weighted sum (1), into gradient buffers of its own; the replicas' buffers are
+    then added into the model's, always in the same order. Shard $k$ always runs
+    on replica $k$, so the result does not depend on how the threads were
+    scheduled: a run is reproducible, and resumable bit for bit.
+
+    Args:
+        model: the model; it is replica 0, and its gradients receive the sum (1).
+        loss_fn: a loss whose ``backward(dloss)`` takes the upstream gradient
+            (every mnn loss); copied for each replica.
+        replicas: how many slices (and threads); 1 runs the plain loop.
+
+    While a call runs, numpy's BLAS is limited to one thread per call
+    (threadpoolctl), so that replicas do not oversubscribe the cores.
+    """
+
+    def __init__(self, model: Module, loss_fn: Module, replicas: int = 2) -> None:
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+            raise ValueError(f"DataParallel: replicas must be a positive integer, got {replicas!r}")
+        self.model = model
+        self.models = [model] + [share_weights(model) for _ in range(replicas - 1)]
+        self.losses = [loss_fn] + [copy.deepcopy(loss_fn) for _ in range(replicas - 1)]
+        self._grads = [[grad for _, grad in replica.named_grads()] for replica in self.models]  # fixed arrays
+        self._pool = ThreadPoolExecutor(replicas - 1, thread_name_prefix="mnn-replica") if replicas > 1 else None
+        self._blas = None
+        if replicas > 1:
+            from threadpoolctl import ThreadpoolController  # noqa: PLC0415 - only needed with threads
+
+            self._blas = ThreadpoolController()
+
+    @property
+    def replicas(self) -> int:
+        return len(self.models)
+
+    def generators(self, prefix: str = "replica") -> dict:
+        """The replicas' own generators (replica 0's are the model's), by name: for checkpoints."""
+        from mnn.checkpoint import model_generators  # noqa: PLC0415 - checkpoint imports training code
+
+        found = {}
+        for index, replica in enumerate(self.models[1:], start=1):
+            found.update(model_generators(replica, prefix=f"{prefix}{index}"))
+        return found
+
+    def train(self, mode: bool = True) -> None:
+        for replica in self.models:
+            replica.train(mode)
+
+    def _map(self, work, shards: list) -> dict:
+        """``{k: work(k, shard)}`` for every non-empty shard ``k``, the first on this thread, the others in threads."""
+        jobs = [(k, shard) for k, shard in enumerate(shards) if len(shard[0])]
+        if self._pool is None or len(jobs) == 1:
+            return {k: work(k, shard) for k, shard in jobs}
+        with self._blas.limit(limits=1, user_api="blas"):
+            futures = {k: self._pool.submit(work, k, shard) for k, shard in jobs[1:]}
+            results = {jobs[0][0]: work(*jobs[0])}
+            results.update((k, future.result()) for k, future in futures.items())
+            return results
+
+    def _shards(self, x, y) -> list:
+        if len(x) != len(y):
+            raise ValueError(f"DataParallel: {len(x)} inputs but {len(y)} targets")
+        bounds = numpy.linspace(0, len(x), self.replicas + 1).round().astype(int)
+        return [(x[a:b], y[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def forward_backward(self, x, y) -> float:
+        """Loss of the whole batch ``(x, y)``, and its gradient added into the model's gradients (Eq. 1)."""
+        rows = len(x)
+
+        def work(k, shard):
+            replica, loss_fn = self.models[k], self.losses[k]
+            if k:  # replica 0 is the model: its gradients accumulate as usual
+                for grad in self._grads[k]:
+                    grad.fill(0)
+            loss = float(loss_fn.forward(replica.forward(shard[0]), shard[1]))
+            replica.backward(loss_fn.backward(len(shard[0]) / rows))  # Eq. (1): upstream gradient N_k / N
+            return loss * len(shard[0]) / rows
+
+        losses = self._map(work, self._shards(x, y))
+        for k in sorted(losses):
+            if k:
+                for total, part in zip(self._grads[0], self._grads[k]):
+                    total += part  # Eq. (1): the sum over replicas, in replica order
+        return float(sum(losses[k] for k in sorted(losses)))  # Eq. (1)
+
+    def evaluate(self, x, y) -> float:
+        """Loss of the whole batch ``(x, y)``, forward only (nothing is kept for a backward)."""
+        rows = len(x)
+
+        def work(k, shard):
+            replica, loss_fn = self.models[k], self.losses[k]
+            loss = float(loss_fn.forward(replica.forward(shard[0]), shard[1]))
+            replica.release_caches()
+            loss_fn.cache = None
+            return loss * len(shard[0]) / rows
+
+        losses = self._map(work, self._shards(x, y))
+        return float(sum(losses[k] for k in sorted(losses)))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
