@@ -18,7 +18,7 @@ $(VENV)/bin/python:
 	$(PIP) install -q --upgrade pip
 
 $(VENV)/.installed-cli: pyproject.toml | $(VENV)/bin/python
-	$(PIP) install -q -e '.[cli]'
+	$(PIP) install -q -e '.[cli,fast]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python

@@ -66,6 +66,7 @@ def assert_parity(ours, theirs, dtype):
 
 DTYPES = [numpy.float64, numpy.float32]
 
+
 SGD_CONFIGS = {
     "plain": dict(lr=0.1),
     "momentum": dict(lr=0.1, momentum=0.9),
@@ -78,7 +79,7 @@ SGD_CONFIGS = {
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("config", list(SGD_CONFIGS))
-def test_sgd_matches_torch(config, dtype):
+def test_sgd_matches_torch(config, dtype, compute_path):
     options = SGD_CONFIGS[config]
     ours, theirs, _, _ = run_both(dtype, lambda g: SGD(g, **options), lambda g: torch.optim.SGD(g, **options))
     assert_parity(ours, theirs, dtype)
@@ -86,7 +87,7 @@ def test_sgd_matches_torch(config, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_adam_matches_torch(weight_decay, dtype):
+def test_adam_matches_torch(weight_decay, dtype, compute_path):
     options = dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=weight_decay)
     ours, theirs, optimizer, reference = run_both(
         dtype, lambda g: Adam(g, **options), lambda g: torch.optim.Adam(g, **options))
@@ -98,7 +99,7 @@ def test_adam_matches_torch(weight_decay, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_adamw_two_groups_matches_torch(dtype):
+def test_adamw_two_groups_matches_torch(dtype, compute_path):
     groups = (("w1", "w2"), ("b1", "gain"))
     options = [{"weight_decay": 0.1}, {"weight_decay": 0.0, "lr": 0.02}]
     ours, theirs, optimizer, _ = run_both(
@@ -166,7 +167,7 @@ def test_bad_configuration_is_refused():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_float32_stays_float32_and_no_promotion(dtype):
+def test_float32_stays_float32_and_no_promotion(dtype, compute_path):
     params, grads, schedule = make_problem(dtype)
     groups = [{"params": [(n, params[n], grads[n]) for n in SHAPES]}]
     for optimizer in (SGD(groups, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
@@ -202,7 +203,7 @@ def take_steps(optimizer, grads, gradients_list):
 
 
 @pytest.mark.parametrize("kind", list(OPTIMIZERS))
-def test_state_dict_round_trip_is_bitwise(kind, tmp_path):
+def test_state_dict_round_trip_is_bitwise(kind, compute_path, tmp_path):
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     rng = numpy.random.default_rng(7)
     params, grads, _ = make_problem(numpy.float32)
@@ -380,7 +381,7 @@ def test_schedule_errors():
     lambda model: Adam(model, lr=0.05),
     lambda model: AdamW(param_groups(model, 0.01), lr=0.05),
 ], ids=["sgd", "adam", "adamw"])
-def test_optimizers_minimise_least_squares(make_optimizer):
+def test_optimizers_minimise_least_squares(make_optimizer, compute_path):
     rng = numpy.random.default_rng(0)
     x = rng.standard_normal((64, 8)).astype(numpy.float32)
     true_w, true_b = rng.standard_normal((3, 8)), rng.standard_normal(3)

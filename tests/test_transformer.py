@@ -75,7 +75,7 @@ def test_embedding_refuses_bad_ids_naming_layer_and_id():
 
 # -- LayerNorm ---------------------------------------------------------------------
 @pytest.mark.parametrize("shape, bias", [((2, 3, 5), True), ((4, 6), True), ((2, 2, 4), False)])
-def test_layernorm_gradcheck(shape, bias):
+def test_layernorm_gradcheck(shape, bias, compute_path):
     rng = np.random.default_rng(2)
     layer = LayerNorm(shape[-1], bias=bias, dtype=np.float64)
     perturb_params(layer, rng)
@@ -84,7 +84,7 @@ def test_layernorm_gradcheck(shape, bias):
 
 @pytest.mark.parametrize("np_dtype, torch_dtype, tol", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_layernorm_matches_pytorch(np_dtype, torch_dtype, tol, bias):
+def test_layernorm_matches_pytorch(np_dtype, torch_dtype, tol, bias, compute_path):
     rng = np.random.default_rng(3)
     layer = LayerNorm(32, bias=bias, dtype=np_dtype)
     perturb_params(layer, rng)
@@ -102,13 +102,13 @@ def test_layernorm_matches_pytorch(np_dtype, torch_dtype, tol, bias):
 
 
 # -- GELU --------------------------------------------------------------------------
-def test_gelu_gradcheck():
+def test_gelu_gradcheck(compute_path):
     rng = np.random.default_rng(4)
     mnn.gradcheck(GELU(), (randn(rng, (3, 4, 5), scale=3.0),), seed=1)
 
 
 @pytest.mark.parametrize("np_dtype, torch_dtype, tol", DTYPES)
-def test_gelu_matches_pytorch_tanh_approximation(np_dtype, torch_dtype, tol):
+def test_gelu_matches_pytorch_tanh_approximation(np_dtype, torch_dtype, tol, compute_path):
     rng = np.random.default_rng(5)
     x, dy = randn(rng, (16, 64), np_dtype, 4.0), randn(rng, (16, 64), np_dtype)
     layer = GELU()
