@@ -178,6 +178,11 @@ class LayerNorm(Module):
     alive, and keeping $\hat x$, which forward computed anyway, saves two
     passes over it in backward.
 
+    With numba installed (:mod:`mnn.jit`) each pass runs as one compiled loop
+    over the rows, reading each row once: (1)-(2) in forward, (3)-(4) in
+    backward, the same equations as the numpy code (three to four times
+    faster on ``(12, 64, 128)``).
+
     Args:
         normalized_shape: $C$, the size of the last axis.
         eps: $\epsilon$, added to the variance.
@@ -335,6 +340,11 @@ class GELU(Module):
     Cache: the input $x$ and the gate $a$ (one extra array, which saves
     recomputing ``tanh``, the most expensive operation here, in backward; with
     $a$ rather than $\tanh u$, Eq. 2 takes three fewer passes than the tanh form).
+
+    With numba installed (:mod:`mnn.jit`), forward is three passes instead of
+    eight (a compiled loop for $u$, numpy's vectorised ``tanh``, a compiled
+    loop for $a$ and $y$) and backward one compiled loop for (2)-(3) instead
+    of nine numpy passes.
     """
 
     def forward(self, x):
