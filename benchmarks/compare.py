@@ -14,7 +14,10 @@ For every case of :mod:`benchmarks.cases`, in one run of this command:
    the order reversed every other round, so a change of machine load hits all
    sides alike (see :func:`time_interleaved`); the figure is the median of
    >= 50 steps (``--quick``: a few);
-4. peak memory is measured in a fresh subprocess per framework per case: the
+4. mnn runs as installed: with numba, its compiled loops (:mod:`mnn.jit`)
+   are on, and each case records whether they were (``mnn_jit``);
+   ``MNN_JIT=0 python -m benchmarks.compare`` gives the pure-numpy figures;
+5. peak memory is measured in a fresh subprocess per framework per case: the
    high-water mark of the resident set (``VmHWM``, reset through
    ``/proc/self/clear_refs``; ``ru_maxrss`` where that is not available) minus
    the resident set after the imports and the data, so it counts the model,
@@ -112,10 +115,11 @@ def serve_side(case_name: str, side_name: str, threads: int, tokens: int) -> Non
     state, data = case.prepare()
     side = case.build(side_name, state, data)
     first = side.step()
-    from mnn.backend import MALLOC_RETAINS_FREED_MEMORY  # noqa: PLC0415 - imported by the case already
+    from mnn import jit  # noqa: PLC0415 - imported by the case already
+    from mnn.backend import MALLOC_RETAINS_FREED_MEMORY  # noqa: PLC0415
 
     channel.send({"first_loss": side.loss(first) if side.loss else None,
-                  "mnn_malloc_settings": MALLOC_RETAINS_FREED_MEMORY})
+                  "mnn_malloc_settings": MALLOC_RETAINS_FREED_MEMORY, "mnn_jit": jit.enabled()})
     gc.collect()
     while (command := channel.receive()) is not None:
         durations = []
@@ -143,6 +147,7 @@ def run_case(case, steps: int, warmup: int, threads: int, tokens: int, torch_mal
                                  side_environment(name, torch_malloc))
         first_loss = {name: sides[name].greeting["first_loss"] for name in FRAMEWORKS}
         malloc = {name: sides[name].greeting["mnn_malloc_settings"] for name in SIDES}
+        compiled = sides["mnn"].greeting["mnn_jit"]
         times, block = time_interleaved(sides, steps, max(warmup - 1, 0))
     finally:
         for worker in sides.values():
@@ -159,6 +164,7 @@ def run_case(case, steps: int, warmup: int, threads: int, tokens: int, torch_mal
         "spread": {name: _relative_iqr(values) for name, values in times.items()},
         "first_loss": first_loss,
         "mnn_malloc_settings": malloc,
+        "mnn_jit": compiled,
         "steps": steps,
         "warmup": warmup,
         "steps_per_block": block,
@@ -241,6 +247,12 @@ def machine_info(threads: int) -> dict:
                 break
     except OSError:
         pass
+    try:
+        from importlib.metadata import version  # noqa: PLC0415
+
+        numba_version = version("numba")
+    except Exception:  # noqa: BLE001 - not installed: the numpy-only path
+        numba_version = None
     return {
         "cores": os.cpu_count(),
         "cpu_model": cpu_model,
@@ -248,6 +260,8 @@ def machine_info(threads: int) -> dict:
         "python": platform.python_version(),
         "numpy": numpy.__version__,
         "torch": torch.__version__,
+        "numba": numba_version,
+        "MNN_JIT": os.environ.get("MNN_JIT"),
         "threads": threads,
         "blas": [{k: pool.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
                  for pool in threadpool_info() if pool.get("user_api") == "blas"],

@@ -123,3 +123,11 @@ def test_pytorch_runs_without_mnns_malloc_settings_unless_asked(quick_run):
 def test_a_failing_worker_shows_its_error():
     with pytest.raises(RuntimeError, match=r"(?s)exited with code [1-9]:.*Traceback.*StopIteration"):
         Worker("benchmarks.compare", ["--worker", "no_such_case", "mnn"])
+
+
+def test_each_case_records_that_mnn_ran_its_compiled_loops(quick_run):
+    # numba is a test dependency, so the mnn worker must have had mnn.jit on (unless MNN_JIT=0 was set).
+    expected = __import__("os").environ.get("MNN_JIT", "1") != "0"
+    assert quick_run[2]["machine"]["numba"]
+    for name, case in quick_run[2]["cases"].items():
+        assert case["mnn_jit"] is expected, name
