@@ -6,9 +6,9 @@ equations written as a loop over the elements and compiled by numba read and
 write each element once. The loop is the same arithmetic, one element at a
 time, and cites the same equations as the numpy code beside it.
 
-Only loops of additions and multiplications are compiled: numba's scalar
-``tanh`` and ``exp`` are not vectorised and are slower than numpy's, so a
-kernel that needs one leaves it to numpy between two compiled passes.
+Only arithmetic and square roots go into the loops: numba's ``tanh`` and
+``exp`` are not vectorised (without Intel's SVML) and run slower than
+numpy's, so GELU leaves its ``tanh`` to numpy between two compiled passes.
 
 This is an optional extra (``pip install 'manual-nn[fast]'``): without numba,
 or on a GPU, or with ``MNN_JIT=0`` in the environment, every caller takes its
@@ -19,23 +19,32 @@ disk beside this file; they release the GIL.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy
 
 from mnn.backend import xp
 
-try:  # optional: mnn runs on numpy alone
-    import numba
-except ImportError:  # pragma: no cover - exercised where numba is absent
-    numba = None
-
 _enabled = os.environ.get("MNN_JIT", "1") != "0"
+_numba = None  # the numba module once imported (on first use: it takes half a second), False if absent
+
+
+def _load_numba():
+    global _numba
+    if _numba is None:
+        try:  # optional: mnn runs on numpy alone
+            import numba  # noqa: PLC0415
+        except ImportError:
+            _numba = False
+        else:
+            _numba = numba
+    return _numba
 
 
 def enabled() -> bool:
-    """Whether compiled kernels are used: numba is installed, arrays are numpy's, ``MNN_JIT`` is not ``0``."""
-    return _enabled and numba is not None and xp._module is numpy
+    """Whether compiled kernels are used: ``MNN_JIT`` is not ``0``, arrays are numpy's, numba is installed."""
+    return _enabled and xp._module is numpy and bool(_load_numba())
 
 
 def set_enabled(flag: bool) -> bool:
@@ -51,21 +60,28 @@ def usable(*arrays) -> bool:
 
 
 def kernel(function=None, *, reassociate: bool = False):
-    """Compile ``function`` with numba on first call (no Python objects, GIL released, cached on disk).
+    """Compile ``function`` with numba on its first call (no Python objects, GIL released, cached on disk).
 
     ``error_model="numpy"``: a division by zero gives ``inf``/``nan`` as in
     numpy instead of raising, which also lets the loops be vectorised.
     ``reassociate=True`` lets a sum over a row be added in any order (SIMD
     partial sums, as numpy's own reductions do); nothing else of fast-math.
-    Without numba the function is returned as it is; :func:`enabled` keeps
-    callers from running it element by element in Python.
+    Callers check :func:`enabled` first: without numba nothing is compiled,
+    and the loop is never run element by element in Python.
     """
     if function is None:
         return lambda f: kernel(f, reassociate=reassociate)
-    if numba is None:
-        return function
-    return numba.njit(cache=True, nogil=True, error_model="numpy",
-                      fastmath={"reassoc"} if reassociate else False)(function)
+    compiled = None
+
+    @functools.wraps(function)
+    def run(*args):
+        nonlocal compiled
+        if compiled is None:
+            compiled = _load_numba().njit(cache=True, nogil=True, error_model="numpy",
+                                          fastmath={"reassoc"} if reassociate else False)(function)
+        return compiled(*args)
+
+    return run
 
 
 def flat(array):

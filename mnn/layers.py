@@ -12,6 +12,7 @@ import math
 
 import numpy
 
+from mnn import jit
 from mnn.backend import default_dtype, xp
 from mnn.errors import InputError, ShapeError
 from mnn.module import Module, check_input
@@ -293,7 +294,9 @@ class Softmax(Module):
     $$
 
     one dot product per row and two element-wise operations: $O(n)$ per row
-    instead of the $O(n^2)$ of a Jacobian.
+    instead of the $O(n^2)$ of a Jacobian. With numba (:mod:`mnn.jit`), the
+    division of (1) and all of (2) run as compiled loops over the rows, one
+    pass each, when the softmax axis is the last.
 
     Args:
         axis: the axis that sums to 1.
@@ -325,9 +328,16 @@ class Softmax(Module):
             y = xp.add(x, mask, out=out)
             y -= y.max(axis=self.axis, keepdims=True)  # Eq. (1): c = m
         y = xp.exp(y, out=y)
-        y /= self._row_sums(y)  # Eq. (1)
+        if self._compiled(y):
+            _normalize_rows_kernel(y.reshape(-1, y.shape[-1]))  # Eq. (1): one pass instead of two
+        else:
+            y /= self._row_sums(y)  # Eq. (1)
         self.cache = y
         return y
+
+    def _compiled(self, *arrays) -> bool:
+        """Whether the compiled loops (mnn.jit) take these arrays: rows along the last axis, contiguous."""
+        return self.axis in (-1, arrays[0].ndim - 1) and jit.usable(*arrays)
 
     def _largest_exponent(self, a) -> float:
         """The largest exponent for which a whole row of $e^{z}$ still sums to a finite number."""
@@ -341,6 +351,11 @@ class Softmax(Module):
 
     def backward(self, dy):
         y = self.pop_cache()
+        if self._compiled(y, dy):
+            dx = xp.empty_like(dy)
+            n = y.shape[-1]
+            _softmax_backward_kernel(y.reshape(-1, n), dy.reshape(-1, n), dx.reshape(-1, n))  # Eq. (2)
+            return dx
         dx = dy * y  # the one new array: first y * g, for the dot product
         inner = self._row_sums(dx)  # Eq. (2): <g, y>
         xp.subtract(dy, inner, out=dx)  # Eq. (2): g - <g, y>
@@ -349,6 +364,30 @@ class Softmax(Module):
 
     def extra_repr(self) -> str:
         return f"axis={self.axis}"
+
+
+@jit.kernel(reassociate=True)
+def _normalize_rows_kernel(e):
+    """Softmax Eq. (1) after the exponentials: each row of ``e (R, n)`` divided by its sum, in place."""
+    R, n = e.shape
+    for r in range(R):
+        total = e[r, 0] * 0
+        for i in range(n):
+            total += e[r, i]
+        for i in range(n):
+            e[r, i] /= total  # Eq. (1)
+
+
+@jit.kernel(reassociate=True)
+def _softmax_backward_kernel(y, dy, dx):
+    """Softmax Eq. (2) row by row: ``dx = y (g - <g, y>)`` for rows ``(R, n)``."""
+    R, n = y.shape
+    for r in range(R):
+        inner = y[r, 0] * 0
+        for i in range(n):
+            inner += dy[r, i] * y[r, i]  # Eq. (2): <g, y>
+        for i in range(n):
+            dx[r, i] = y[r, i] * (dy[r, i] - inner)  # Eq. (2)
 
 
 class LogSoftmax(Module):

@@ -41,7 +41,7 @@ ELEMENTWISE = {
 # -- finite differences, float64 ---------------------------------------------
 @pytest.mark.parametrize("name", ELEMENTWISE)
 @pytest.mark.parametrize("batch", BATCH_SHAPES)
-def test_elementwise_gradcheck(name, batch):
+def test_elementwise_gradcheck(name, batch, compute_path):
     make, _, sample = ELEMENTWISE[name]
     x = sample(batch + (4,))
     if name == "ReLU":  # keep clear of the kink at 0, where the derivative jumps
@@ -104,7 +104,7 @@ def torch_grad(fn, *arrays, upstream):
 
 
 @pytest.mark.parametrize("name", ELEMENTWISE)
-def test_elementwise_matches_torch(name):
+def test_elementwise_matches_torch(name, compute_path):
     make, torch_fn, sample = ELEMENTWISE[name]
     x = sample((3, 2, 7), np.float32)
     dy = normal(x.shape, np.float32)
@@ -268,7 +268,7 @@ class CausalSoftmax(Softmax):
         return super().forward(x, CAUSAL, own_scores(x))
 
 
-def test_softmax_with_mask_and_shift_gradcheck_and_matches_torch():
+def test_softmax_with_mask_and_shift_gradcheck_and_matches_torch(compute_path):
     x = normal((2, 3, 4, 4))
     errors = mnn.gradcheck(CausalSoftmax(), x)
     assert max(errors.values()) <= 1e-7
@@ -285,7 +285,7 @@ def test_softmax_with_mask_and_shift_gradcheck_and_matches_torch():
     assert np.array_equal(x, before)  # the input is left as it was
 
 
-def test_softmax_shift_that_would_overflow_falls_back_to_the_row_maximum():
+def test_softmax_shift_that_would_overflow_falls_back_to_the_row_maximum(compute_path):
     # The shift (each row's first entry) sits 200 below the row's largest entry: e^200 overflows
     # float32 and float64 alike, so the layer must start again with the row maximum.
     for dtype in (np.float32, np.float64):
@@ -297,13 +297,13 @@ def test_softmax_shift_that_would_overflow_falls_back_to_the_row_maximum():
         assert relative_error(y, expected) <= (1e-6 if dtype == np.float32 else 1e-14)
 
 
-def test_softmax_shift_gives_the_same_result_as_the_row_maximum():
+def test_softmax_shift_gives_the_same_result_as_the_row_maximum(compute_path):
     x = normal((6, 5)) * 10.0
     shifted = Softmax().forward(x, shift=x[:, 2:3].copy())  # any entry of the row is a valid shift
     assert relative_error(shifted, Softmax().forward(x)) <= 1e-14
 
 
-def test_softmax_nan_and_fully_masked_rows_are_nan_as_in_torch():
+def test_softmax_nan_and_fully_masked_rows_are_nan_as_in_torch(compute_path):
     x = normal((3, 4))
     x[1, 2] = np.nan
     mask = np.zeros((3, 4))
@@ -316,7 +316,7 @@ def test_softmax_nan_and_fully_masked_rows_are_nan_as_in_torch():
 
 
 @pytest.mark.parametrize("offset", [0.0, 200.0])  # 200: the overflow check sends it to the row maximum
-def test_softmax_in_place_gives_the_same_result(offset):
+def test_softmax_in_place_gives_the_same_result(offset, compute_path):
     x = normal((2, 4, 4))
     x[..., 1] += offset
     expected = Softmax().forward(x, CAUSAL, own_scores(x))

@@ -428,11 +428,13 @@ def generate(root: Path = ROOT) -> tuple[dict[str, str], dict[str, list[Formula]
     files["api/index.md"] = renderer.index_page(package)
     files["learning-path.md"] = renderer.learning_path()
     files["benchmarks.md"] = table_page(
-        "Benchmarks", "mnn against the same models in PyTorch, interleaved in one run with the same thread count "
-        "(`make bench`, i.e. `python -m benchmarks.compare`). The ratios are the figures; the machine is named below. "
-        "Caution: in one process, OpenBLAS's and PyTorch's idle worker threads spin against each other on a 2-core "
-        "machine, which slows PyTorch's GPT step far more than mnn's; the whole-recipe comparison in separate runs "
-        "(`python -m benchmarks.recipe`, `benchmarks/recipe.json`) is the figure to trust for the GPT.",
+        "Benchmarks", "mnn against the same models in PyTorch, with the same thread count, in one run of "
+        "`make bench` (`python -m benchmarks.compare`): each side in a worker process of its own, the sides taking "
+        "turns block by block (A B B A) after a warm-up, medians of the timed steps. The ratios are the figures "
+        "(the machine is shared and noisy); the machine is named below. `mnn_jit` says whether mnn ran its "
+        "compiled loops (numba, `mnn.jit`); `MNN_JIT=0 make bench` measures the pure-numpy path. The whole "
+        "2000-iteration recipe, evaluation included, is compared by `python -m benchmarks.recipe` "
+        "(`benchmarks/recipe.json`).",
         root / "benchmarks" / "results.json", "`make bench` writes it.")
     return files, renderer.formulas
 
