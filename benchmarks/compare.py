@@ -192,11 +192,23 @@ def _reset_peak() -> bool:
 
 
 def probe_memory(case_name: str, framework: str, threads: int, steps: int, tokens: int) -> dict:
-    """In this (fresh) process: peak resident memory of building ``framework``'s side and running ``steps`` steps."""
+    """In this (fresh) process: peak resident memory of building ``framework``'s side and running ``steps`` steps.
+
+    Each framework's runtime is imported before the baseline, like numpy:
+    PyTorch, or numba when mnn runs its compiled loops (its kernels, compiled
+    or loaded from the disk cache on the first step, do count). What the
+    import itself took is returned as ``import_mb``.
+    """
+    before_kb = _status_kb("VmRSS")
     if framework == "torch":
         import torch  # noqa: PLC0415, F401 - imported before the baseline, like numpy
 
         torch.set_num_threads(threads)
+    else:
+        from mnn import jit  # noqa: PLC0415
+
+        jit.enabled()  # imports numba if it is installed and not turned off
+    import_mb = (_status_kb("VmRSS") - before_kb) / 1024.0 if before_kb is not None else None
     limiter = set_threads(threads)
     case = next(c for c in all_cases(tokens) if c.name == case_name)
     state, data = case.prepare()  # the shared weights and data: before the baseline, on both sides
@@ -212,7 +224,7 @@ def probe_memory(case_name: str, framework: str, threads: int, steps: int, token
         side.step()
     peak_kb = _status_kb("VmHWM") if method.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     del limiter
-    return {"peak_mb": (peak_kb - baseline_kb) / 1024.0, "method": method}
+    return {"peak_mb": (peak_kb - baseline_kb) / 1024.0, "import_mb": import_mb, "method": method}
 
 
 def measure_memory(jobs: list[tuple[str, str]], threads: int, steps: int, tokens: int,
@@ -394,10 +406,12 @@ def main(argv=None) -> dict:
         probes = measure_memory(jobs, args.threads, 2 if args.quick else 3, tokens, args.torch_malloc)
         for case in cases:
             results["cases"][case.name]["peak_mb"] = {f: probes[(case.name, f)]["peak_mb"] for f in FRAMEWORKS}
+            results["cases"][case.name]["import_mb"] = {f: probes[(case.name, f)]["import_mb"] for f in FRAMEWORKS}
         results["memory_method"] = (
             f"{probes[jobs[0]]['method']}: peak resident set of a fresh subprocess per framework per case, minus "
-            "its resident set after the imports, weights and data (so: model, gradients, optimizer state, "
-            "activations, workspace)")
+            "its resident set after the imports (PyTorch; numba for mnn's compiled loops), weights and data (so: "
+            "model, gradients, optimizer state, activations, workspace, compiled kernels); import_mb is what "
+            "importing the framework's runtime took")
     results["bars"] = check_bars(results["cases"])
     results["machine"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     args.out.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,9 @@ def test_peak_memory_is_measured_for_both_frameworks(quick_run):
         assert set(case["peak_mb"]) == {"mnn", "torch"}
         for framework, megabytes in case["peak_mb"].items():
             assert math.isfinite(megabytes) and megabytes > 0, (name, framework, megabytes)
+        # Importing PyTorch, or numba for mnn's compiled loops, is outside the peak and reported apart.
+        assert case["import_mb"]["torch"] > 50, (name, case["import_mb"])
+        assert (case["import_mb"]["mnn"] > 20) is case["mnn_jit"], (name, case["import_mb"])  # numba or nothing
 
 
 def test_machine_date_bars_and_chart(quick_run):
