@@ -277,9 +277,9 @@ class SGD(Optimizer):
     def update(self, group, param, grad, state, scratch) -> None:
         work, spare = scratch
         lr, mu, decay = group["lr"], group["momentum"], group["weight_decay"]
-        if jit.enabled():
+        buf = state["momentum"] if mu != 0.0 else work  # work: an unused stand-in when there is no momentum
+        if jit.usable(param, grad, buf):
             real = param.dtype.type
-            buf = state["momentum"] if mu != 0.0 else work  # work: an unused stand-in when there is no momentum
             _sgd_kernel(jit.flat(param), jit.flat(grad), jit.flat(buf), real(lr), real(mu), real(decay),
                         real(1.0 - group["dampening"]), group["nesterov"], self.step_count == 1)
             return
@@ -401,7 +401,7 @@ class Adam(Optimizer):
         work, _ = scratch
         lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         m, v, t = state["exp_avg"], state["exp_avg_sq"], self.step_count
-        if jit.enabled():
+        if jit.usable(param, grad, m, v):
             real = param.dtype.type
             shrink, l2 = (1.0 - lr * decay, 0.0) if self.decoupled else (1.0, decay)
             _adam_kernel(jit.flat(param), jit.flat(grad), jit.flat(m), jit.flat(v), real(shrink), real(l2),
