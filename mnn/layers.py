@@ -294,9 +294,10 @@ class Softmax(Module):
     $$
 
     one dot product per row and two element-wise operations: $O(n)$ per row
-    instead of the $O(n^2)$ of a Jacobian. With numba (:mod:`mnn.jit`), the
-    division of (1) and all of (2) run as compiled loops over the rows, one
-    pass each, when the softmax axis is the last.
+    instead of the $O(n^2)$ of a Jacobian. With numba (:mod:`mnn.jit`), when
+    the softmax axis is the last, $x + M - c$ before the exponentials of (1)
+    (with the overflow check) and all of (2) run as compiled loops over the
+    rows, one pass each instead of three.
 
     Args:
         axis: the axis that sums to 1.
@@ -317,10 +318,20 @@ class Softmax(Module):
         (optional) receives the result and may be ``x`` itself.
         """
         if shift is not None:
-            y = xp.subtract(x, shift, out=out)  # Eq. (1): x - c
-            if mask is not None:
-                y += mask  # Eq. (1): x + M - c
-            if y.size and not y.max() < self._largest_exponent(y):  # a term would overflow, or a NaN:
+            if self._compiled_shift(x, mask, shift, out):
+                y = out if out is not None else xp.empty_like(x)
+                if y is not x:
+                    y[...] = x  # the loop works in place (reading and writing one array vectorises; two may alias)
+                n = x.shape[-1]
+                no_mask = y.reshape(-1, n)[:0]
+                within = _shift_rows_kernel(y.reshape(-1, n), shift.reshape(-1), no_mask if mask is None else mask,
+                                            self._largest_exponent(y))  # Eq. (1): x + M - c
+            else:
+                y = xp.subtract(x, shift, out=out)  # Eq. (1): x - c
+                if mask is not None:
+                    y += mask  # Eq. (1): x + M - c
+                within = not (y.size and not y.max() < self._largest_exponent(y))
+            if not within:  # a term would overflow, or a NaN:
                 y -= y.max(axis=self.axis, keepdims=True)  # Eq. (1): shift by the row maximum after all
         elif mask is None:
             y = xp.subtract(x, x.max(axis=self.axis, keepdims=True), out=out)  # Eq. (1): c = m
@@ -328,16 +339,21 @@ class Softmax(Module):
             y = xp.add(x, mask, out=out)
             y -= y.max(axis=self.axis, keepdims=True)  # Eq. (1): c = m
         y = xp.exp(y, out=y)
-        if self._compiled(y):
-            _normalize_rows_kernel(y.reshape(-1, y.shape[-1]))  # Eq. (1): one pass instead of two
-        else:
-            y /= self._row_sums(y)  # Eq. (1)
+        y /= self._row_sums(y)  # Eq. (1) (a compiled loop was measured slower here than einsum + divide)
         self.cache = y
         return y
 
     def _compiled(self, *arrays) -> bool:
         """Whether the compiled loops (mnn.jit) take these arrays: rows along the last axis, contiguous."""
         return self.axis in (-1, arrays[0].ndim - 1) and jit.usable(*arrays)
+
+    def _compiled_shift(self, x, mask, shift, out) -> bool:
+        """Whether the compiled ``x + M - c`` takes these: contiguous rows, one shift per row, and a mask
+        that is absent or one ``(T, n)`` matrix for the last two axes (a causal mask)."""
+        arrays = [x, shift] + ([] if out is None else [out]) + ([] if mask is None else [mask])
+        if x.ndim < 2 or not self._compiled(*arrays) or shift.shape != x.shape[:-1] + (1,):
+            return False
+        return mask is None or mask.shape == x.shape[-2:]
 
     def _largest_exponent(self, a) -> float:
         """The largest exponent for which a whole row of $e^{z}$ still sums to a finite number."""
@@ -366,16 +382,27 @@ class Softmax(Module):
         return f"axis={self.axis}"
 
 
-@jit.kernel(reassociate=True)
-def _normalize_rows_kernel(e):
-    """Softmax Eq. (1) after the exponentials: each row of ``e (R, n)`` divided by its sum, in place."""
-    R, n = e.shape
+@jit.kernel
+def _shift_rows_kernel(z, shift, mask, limit):
+    """Softmax Eq. (1) before the exponentials: ``z <- z + M - c`` in place for rows ``(R, n)``, one pass.
+
+    ``mask`` is ``(T, n)`` for the last two axes (row ``r`` takes mask row
+    ``r mod T``) or empty. Returns False if some ``z`` is not below ``limit``
+    (a row could overflow) or is NaN: the caller shifts by the row maximum then.
+    """
+    R, n = z.shape
+    T = mask.shape[0]
+    within = True
     for r in range(R):
-        total = e[r, 0] * 0
+        c = shift[r]
         for i in range(n):
-            total += e[r, i]
-        for i in range(n):
-            e[r, i] /= total  # Eq. (1)
+            v = z[r, i] - c  # Eq. (1): x - c
+            if T:
+                v += mask[r % T, i]  # Eq. (1): + M
+            z[r, i] = v
+            if not v < limit:
+                within = False
+    return within
 
 
 @jit.kernel(reassociate=True)
