@@ -337,7 +337,8 @@ class GELU(Module):
     \frac{\partial L}{\partial x} = J^\top g = g \odot y'(x). \tag{3}
     $$
 
-    Cache: the input $x$ and the gate $a$ (one extra array, which saves
+    Cache (in training mode; evaluation keeps nothing): the input $x$ and
+    the gate $a$ (one extra array, which saves
     recomputing ``tanh``, the most expensive operation here, in backward; with
     $a$ rather than $\tanh u$, Eq. 2 takes three fewer passes than the tanh form).
 
@@ -364,6 +365,9 @@ class GELU(Module):
         return x * gate  # Eq. (1)
 
     def backward(self, dy):
+        if self.cache is None and not self.training:
+            raise RuntimeError(f"{self!r}: backward after a forward in evaluation mode, which keeps nothing; "
+                               "call train() before the forward")
         x, gate = self.pop_cache()
         if jit.usable(x, gate, dy):
             dx = xp.empty_like(dy)

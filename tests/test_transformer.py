@@ -121,6 +121,18 @@ def test_gelu_matches_pytorch_tanh_approximation(np_dtype, torch_dtype, tol, com
     assert rel(y, yt) <= tol and rel(dx, xt.grad) <= tol
 
 
+def test_gelu_in_evaluation_mode_keeps_nothing_and_says_so_on_backward(compute_path):
+    x = np.linspace(-3, 3, 12).reshape(3, 4)
+    layer = GELU()
+    expected = layer.forward(x)
+    layer.cache = None
+    layer.eval()
+    np.testing.assert_array_equal(layer.forward(x), expected)
+    assert layer.cache is None
+    with pytest.raises(RuntimeError, match="evaluation mode"):
+        layer.backward(np.ones_like(x))
+
+
 # -- attention ---------------------------------------------------------------------
 def torch_attention(layer, x, dtype, causal):
     """The same attention through torch's fused scaled_dot_product_attention (a different algorithm)."""
