@@ -49,6 +49,9 @@ class Module:
         """Return the forward cache and release it; an error if forward did not run."""
         cache = self.cache
         if cache is None:
+            if not self.training:  # a layer may keep nothing in evaluation mode (GELU)
+                raise RuntimeError(f"{self!r}: backward after a forward in evaluation mode, which keeps nothing; "
+                                   "call train() before the forward")
             raise RuntimeError(f"{self!r}: backward called without a forward (or twice)")
         self.cache = None
         return cache
