@@ -136,18 +136,46 @@ class ReLU(Module):
     \frac{\partial L}{\partial x} = J^\top g = g \odot \mathbb{1}[x > 0]. \tag{2}
     $$
 
-    (At $x_i = 0$ the derivative is taken as 0, as PyTorch does.)
+    (At $x_i = 0$ the derivative is taken as 0, as PyTorch does.) With numba
+    (:mod:`mnn.jit`), (1) writes the mask and the output in one compiled pass
+    over the input, and (2) is one pass too (numpy: two each).
+
     Cache: the boolean mask $\mathbb{1}[x > 0]$, one byte per element.
     """
 
     def forward(self, x):
-        mask = x > 0
+        if jit.usable(x):
+            y, mask = xp.empty(x.shape, dtype=x.dtype), xp.empty(x.shape, dtype=bool)
+            _relu_kernel(jit.flat(x), jit.flat(y), jit.flat(mask))  # Eq. (1)
+        else:
+            mask = x > 0
+            y = x * mask  # Eq. (1)
         self.cache = mask
-        return x * mask  # Eq. (1)
+        return y
 
     def backward(self, dy):
         mask = self.pop_cache()
+        if jit.usable(dy) and dy.shape == mask.shape:
+            dx = xp.empty(dy.shape, dtype=dy.dtype)
+            _relu_backward_kernel(jit.flat(dy), jit.flat(mask), jit.flat(dx))  # Eq. (2)
+            return dx
         return dy * mask  # Eq. (2)
+
+
+@jit.kernel
+def _relu_kernel(x, y, mask):
+    """ReLU Eq. (1) in one pass: the mask and ``y = x * mask`` (so NaN stays NaN and -x gives -0, as numpy's)."""
+    for i in range(x.size):
+        keep = x[i] > 0
+        mask[i] = keep
+        y[i] = x[i] * keep  # Eq. (1)
+
+
+@jit.kernel
+def _relu_backward_kernel(dy, mask, dx):
+    """ReLU Eq. (2) in one pass: ``dx = g * mask``."""
+    for i in range(dy.size):
+        dx[i] = dy[i] * mask[i]  # Eq. (2)
 
 
 class Sigmoid(Module):

@@ -7,6 +7,11 @@ gradient with respect to the prediction, already divided by the batch size.
 
 from __future__ import annotations
 
+import math
+
+import numpy
+
+from mnn import jit
 from mnn.backend import xp
 from mnn.errors import InputError, ShapeError
 from mnn.module import Module
@@ -126,6 +131,13 @@ class CrossEntropyLoss(Module):
     The fused form is cheaper and more accurate than the two layers apart: no
     $\log$ of a probability that underflowed, one pass over the logits.
 
+    With numba (:mod:`mnn.jit`), the row maxima, the shift, the picked logits,
+    the row sums, the logarithms and the division of (1) run as two compiled
+    loops over the rows, with numpy's exponential between them, and (2) as a
+    third: numpy makes about ten calls here, each slow on short rows. Forward
+    and backward measured 143 µs in numpy against 51 µs compiled on the
+    MLP's ``(512, 10)`` logits, 213 against 137 µs on the GPT's ``(768, 65)``.
+
     Cache: the probabilities $y$ (``(N, C)``) and the labels.
     """
 
@@ -134,18 +146,69 @@ class CrossEntropyLoss(Module):
         rows = logits.reshape(-1, logits.shape[-1])
         labels = targets.reshape(-1)
         n = labels.size
-        shifted = rows - rows.max(axis=1, keepdims=True)  # Eq. (1): x - m
-        picked = shifted[xp.arange(n), labels]  # x_t - m, read before exp overwrites it
-        exp = xp.exp(shifted, out=shifted)
-        sum_exp = exp.sum(axis=1, keepdims=True)
-        loss = (xp.log(sum_exp[:, 0]) - picked).mean()  # Eq. (1)
-        exp /= sum_exp  # y = softmax(x), reused by backward
+        if jit.usable(rows, labels):
+            exp = xp.empty_like(rows)
+            picked = _shift_and_pick_kernel(rows, labels, exp)  # Eq. (1): x - m, and x_t - m
+            xp.exp(exp, out=exp)  # numpy's vectorised exp (numba's is scalar)
+            total = _log_sum_and_normalise_kernel(exp, picked)  # Eq. (1); y = softmax(x)
+            loss = rows.dtype.type(total / n)
+        else:
+            shifted = rows - rows.max(axis=1, keepdims=True)  # Eq. (1): x - m
+            picked = shifted[xp.arange(n), labels]  # x_t - m, read before exp overwrites it
+            exp = xp.exp(shifted, out=shifted)
+            sum_exp = exp.sum(axis=1, keepdims=True)
+            loss = (xp.log(sum_exp[:, 0]) - picked).mean()  # Eq. (1)
+            exp /= sum_exp  # y = softmax(x), reused by backward
         self.cache = (exp, labels, logits.shape)
         return loss
 
     def backward(self, dloss=1.0):
         probs, labels, shape = self.pop_cache()
         n = labels.size
-        probs[xp.arange(n), labels] -= 1.0  # Eq. (2): y - onehot(t)
-        probs *= float(dloss) / n  # Eq. (2)
+        scale = float(dloss) / n
+        if jit.usable(probs, labels):
+            _onehot_subtract_kernel(probs, labels, probs.dtype.type(scale))  # Eq. (2)
+        else:
+            probs[xp.arange(n), labels] -= 1.0  # Eq. (2): y - onehot(t)
+            probs *= scale  # Eq. (2)
         return probs.reshape(shape)
+
+
+@jit.kernel
+def _shift_and_pick_kernel(rows, labels, shifted):
+    """Cross-entropy Eq. (1) before the exponentials, row by row: ``shifted = x - m``; returns ``x_t - m`` per row."""
+    N, C = rows.shape
+    picked = numpy.empty(N, dtype=rows.dtype)
+    for r in range(N):
+        m = rows[r, 0]
+        for c in range(1, C):
+            m = max(m, rows[r, c])  # Eq. (1): m = max_c x_c
+        for c in range(C):
+            shifted[r, c] = rows[r, c] - m  # Eq. (1): x - m
+        picked[r] = shifted[r, labels[r]]
+    return picked
+
+
+@jit.kernel(reassociate=True)
+def _log_sum_and_normalise_kernel(exp, picked):
+    """Cross-entropy Eq. (1) after the exponentials: the summed loss, and ``exp`` divided by its row sums in place."""
+    N, C = exp.shape
+    total = 0.0  # float64 over the rows
+    for r in range(N):
+        s = exp[r, 0] * 0
+        for c in range(C):
+            s += exp[r, c]  # sum_c e^{x_c - m}
+        total += math.log(s) - picked[r]  # Eq. (1): m + log sum - x_t, with m cancelled
+        for c in range(C):
+            exp[r, c] /= s  # y = softmax(x), reused by backward
+    return total
+
+
+@jit.kernel
+def _onehot_subtract_kernel(probs, labels, scale):
+    """Cross-entropy Eq. (2) in place, row by row: ``(y - onehot(t)) * scale``."""
+    N, C = probs.shape
+    for r in range(N):
+        probs[r, labels[r]] -= 1.0  # Eq. (2): y - onehot(t)
+        for c in range(C):
+            probs[r, c] *= scale  # Eq. (2)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import mnn
+from mnn import jit
 from mnn.errors import InputError, ShapeError
 from mnn.layers import Dropout, Linear, Log, LogSoftmax, MatrixProduct, ReLU, Sigmoid, Softmax, Tanh
 from mnn.losses import CrossEntropyLoss, MSELoss, NLLLoss
@@ -73,7 +74,7 @@ def test_dropout_gradcheck_with_fixed_mask():
 
 
 @pytest.mark.parametrize("batch", BATCH_SHAPES)
-def test_loss_gradchecks(batch):
+def test_loss_gradchecks(batch, compute_path):
     logits = normal(batch + (5,))
     labels = RNG.integers(0, 5, batch)
     for loss, inputs in [
@@ -157,7 +158,7 @@ def test_dropout_matches_torch_semantics():
 
 
 @pytest.mark.parametrize("name", ["CrossEntropyLoss", "NLLLoss", "MSELoss"])
-def test_losses_match_torch(name):
+def test_losses_match_torch(name, compute_path):
     logits = normal((3, 4, 10), np.float32)
     labels = RNG.integers(0, 10, (3, 4))
     target = normal(logits.shape, np.float32)
@@ -176,6 +177,42 @@ def test_losses_match_torch(name):
     t_loss.backward()
     assert relative_error(loss, t_loss.item()) <= 1e-5
     assert relative_error(grad, t_logits.grad.numpy()) <= 1e-5
+
+
+def test_cross_entropy_paths_agree_on_large_logits_and_scaled_upstream():
+    """The compiled loops and numpy give the same loss and gradient, with logits far from 0 and dloss != 1."""
+    logits = normal((64, 10), np.float32) * 30 + 1e4  # exp(1e4) overflows: only the shift keeps it finite
+    labels = RNG.integers(0, 10, 64)
+    results = {}
+    for path in (False, True):
+        previous = jit.set_enabled(path)
+        try:
+            loss_fn = CrossEntropyLoss()
+            loss = loss_fn.forward(logits, labels)
+            results[path] = (loss, loss_fn.backward(0.5))
+        finally:
+            jit.set_enabled(previous)
+    (loss_np, grad_np), (loss_jit, grad_jit) = results[False], results[True]
+    assert np.isfinite(loss_jit) and loss_jit.dtype == np.float32 and grad_jit.dtype == np.float32
+    assert abs(float(loss_jit) - float(loss_np)) <= 1e-5 * abs(float(loss_np))
+    assert np.abs(grad_jit - grad_np).max() <= 1e-7
+
+
+def test_relu_paths_agree_on_nan_and_signed_zero():
+    x = np.array([[-1.5, -0.0, 0.0, 2.0, np.nan]], np.float32)
+    outputs = []
+    for path in (False, True):
+        previous = jit.set_enabled(path)
+        try:
+            layer = ReLU()
+            outputs.append((layer.forward(x), layer.backward(np.ones_like(x))))
+        finally:
+            jit.set_enabled(previous)
+    for (y_np, dx_np), (y_jit, dx_jit) in [outputs]:
+        np.testing.assert_array_equal(y_jit, y_np)  # NaN stays NaN, as in torch.relu
+        assert np.array_equal(np.signbit(y_jit), np.signbit(y_np))
+        np.testing.assert_array_equal(dx_jit, dx_np)
+    assert np.isnan(outputs[1][0][0, 4]) and outputs[1][1][0, 3] == 1.0 and outputs[1][1][0, 0] == 0.0
 
 
 def test_sequential_mlp_matches_torch_end_to_end():
