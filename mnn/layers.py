@@ -155,7 +155,7 @@ class ReLU(Module):
 
     def backward(self, dy):
         mask = self.pop_cache()
-        if jit.usable(dy) and dy.shape == mask.shape:
+        if jit.usable(dy, mask) and dy.shape == mask.shape:
             dx = xp.empty(dy.shape, dtype=dy.dtype)
             _relu_backward_kernel(jit.flat(dy), jit.flat(mask), jit.flat(dx))  # Eq. (2)
             return dx

@@ -215,6 +215,15 @@ def test_relu_paths_agree_on_nan_and_signed_zero():
     assert np.isnan(outputs[1][0][0, 4]) and outputs[1][1][0, 3] == 1.0 and outputs[1][1][0, 0] == 0.0
 
 
+def test_relu_on_a_transposed_input_takes_any_gradient_layout(compute_path):
+    """A non-contiguous input (numpy path) then a contiguous gradient: the two arrays differ in layout."""
+    x = normal((6, 4), np.float32).T  # F-ordered view
+    layer = ReLU()
+    y = layer.forward(x)
+    dy = normal(y.shape, np.float32)
+    np.testing.assert_array_equal(layer.backward(dy), dy * (x > 0))
+
+
 def test_sequential_mlp_matches_torch_end_to_end():
     rng = np.random.default_rng(5)
     model = Sequential(Linear(8, 16, rng=rng), ReLU(), Linear(16, 3, rng=rng))
