@@ -170,7 +170,8 @@ class LayerNorm(Module):
     \frac{\partial L}{\partial \beta} = \sum_{n} g_{n}. \tag{4}
     $$
 
-    Cache: $\hat x$ ``(..., C)`` and $r$ ``(..., 1)``. llm.c keeps only
+    Cache (in training mode; evaluation keeps nothing and writes only $y$):
+    $\hat x$ ``(..., C)`` and $r$ ``(..., 1)``. llm.c keeps only
     $(\mu, r)$ because its input buffer is stored anyway and it recomputes
     $\hat x = (x - \mu) r$ in backward. Here the input is not otherwise kept
     (in the pre-LN block the residual stream is not needed by any backward),
@@ -208,7 +209,8 @@ class LayerNorm(Module):
         rstd = 1.0 / xp.sqrt(variance + self.eps)  # Eq. (1): r, (..., 1)
         x_hat = centred
         x_hat *= rstd  # Eq. (2)
-        self.cache = (x_hat, rstd)
+        if self.training:
+            self.cache = (x_hat, rstd)
         y = x_hat * self.params["weight"]  # Eq. (2)
         if "bias" in self.params:
             y += self.params["bias"]  # Eq. (2)
@@ -237,12 +239,15 @@ class LayerNorm(Module):
         """Eqs. (1)-(2) row by row in one compiled pass (numpy takes seven)."""
         C = self.normalized_shape
         real = x.dtype.type
-        x_hat, y = xp.empty_like(x), xp.empty_like(x)
+        y = xp.empty_like(x)
+        # Evaluation mode keeps nothing for a backward: no x_hat to write (an empty array tells the loop).
+        x_hat = xp.empty_like(x) if self.training else y.reshape(-1)[:0].reshape(0, C)
         rstd = xp.empty(x.shape[:-1] + (1,), dtype=x.dtype)
         bias = self.params.get("bias", self.params["weight"][:0])
         _layernorm_forward_kernel(x.reshape(-1, C), self.params["weight"], bias, x_hat.reshape(-1, C),
                                   y.reshape(-1, C), rstd.reshape(-1), real(1.0 / C), real(self.eps), real(1.0))
-        self.cache = (x_hat, rstd)
+        if self.training:
+            self.cache = (x_hat, rstd)
         return y
 
     def _backward_compiled(self, dy, x_hat, rstd):
@@ -260,7 +265,7 @@ class LayerNorm(Module):
 
 @jit.kernel(reassociate=True)
 def _layernorm_forward_kernel(x, weight, bias, x_hat, y, rstd, inv_C, eps, one):
-    """LayerNorm Eqs. (1)-(2) for rows ``x (N, C)``; an empty ``bias`` means none."""
+    """LayerNorm Eqs. (1)-(2) for rows ``x (N, C)``; an empty ``bias`` means none, an empty ``x_hat`` keeps none."""
     N, C = x.shape
     for n in range(N):
         total = x[n, 0] * 0
@@ -273,10 +278,15 @@ def _layernorm_forward_kernel(x, weight, bias, x_hat, y, rstd, inv_C, eps, one):
             squares += d * d
         r = one / numpy.sqrt(squares * inv_C + eps)  # Eq. (1): r
         rstd[n] = r
-        for c in range(C):
-            h = (x[n, c] - mean) * r  # Eq. (2): x_hat
-            x_hat[n, c] = h
-            y[n, c] = h * weight[c] + bias[c] if bias.size else h * weight[c]  # Eq. (2)
+        if x_hat.size:  # the test outside the loop over c: a store under a condition would not vectorise
+            for c in range(C):
+                h = (x[n, c] - mean) * r  # Eq. (2): x_hat
+                x_hat[n, c] = h
+                y[n, c] = h * weight[c] + bias[c] if bias.size else h * weight[c]  # Eq. (2)
+        else:
+            for c in range(C):
+                h = (x[n, c] - mean) * r  # Eq. (2): x_hat
+                y[n, c] = h * weight[c] + bias[c] if bias.size else h * weight[c]  # Eq. (2)
 
 
 @jit.kernel(reassociate=True)
@@ -388,10 +398,12 @@ class GELU(Module):
         u = xp.empty_like(x)
         _gelu_argument_kernel(jit.flat(x), jit.flat(u), real(_SQRT_2_OVER_PI), real(_GELU_CUBIC * _SQRT_2_OVER_PI))
         gate = xp.tanh(u, out=u)  # Eq. (1): tanh u
+        if not self.training:  # nothing to keep for a backward: the output takes the gate's memory
+            _gelu_output_kernel(jit.flat(x), jit.flat(gate), real(0.5))
+            return gate
         y = xp.empty_like(x)
         _gelu_gate_kernel(jit.flat(x), jit.flat(gate), jit.flat(y), real(0.5))
-        if self.training:
-            self.cache = (x, gate)
+        self.cache = (x, gate)
         return y
 
 
@@ -410,6 +422,13 @@ def _gelu_gate_kernel(x, gate, y, half):
         a = gate[i] * half + half  # Eq. (1): a = (1 + tanh u) / 2
         gate[i] = a
         y[i] = x[i] * a  # Eq. (1)
+
+
+@jit.kernel
+def _gelu_output_kernel(x, gate, half):
+    """GELU Eq. (1) in evaluation mode: ``gate`` holds ``tanh u`` on entry and ``y = x a`` on return."""
+    for i in range(x.size):
+        gate[i] = x[i] * (gate[i] * half + half)  # Eq. (1)
 
 
 @jit.kernel

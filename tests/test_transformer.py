@@ -101,6 +101,21 @@ def test_layernorm_matches_pytorch(np_dtype, torch_dtype, tol, bias, compute_pat
         assert rel(grad, params[name].grad) <= tol, name
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_layernorm_in_evaluation_mode_keeps_nothing_and_gives_the_same_output(bias, compute_path):
+    rng = np.random.default_rng(6)
+    layer = LayerNorm(16, bias=bias, dtype=np.float32)
+    perturb_params(layer, rng)
+    x = randn(rng, (3, 5, 16), np.float32, 2.0) + 0.5
+    expected = layer.forward(x)
+    layer.cache = None
+    layer.eval()
+    np.testing.assert_array_equal(layer.forward(x), expected)
+    assert layer.cache is None
+    with pytest.raises(RuntimeError, match="evaluation mode"):
+        layer.backward(np.ones_like(x))
+
+
 # -- GELU --------------------------------------------------------------------------
 def test_gelu_gradcheck(compute_path):
     rng = np.random.default_rng(4)
