@@ -10,10 +10,12 @@ For every case of :mod:`benchmarks.cases`, in one run of this command:
    its users run it (``--torch-malloc mnn`` gives it the ones mnn sets);
 2. the first step of each framework is checked: same loss (so the comparison
    is of equal work), and it doubles as warm-up, with more warm-up steps after;
-3. the timed steps are interleaved in blocks of ~0.1 s, mnn / torch / floor,
+3. the timed steps are interleaved in blocks of ~0.5 s, mnn / torch / floor,
    the order reversed every other round, so a change of machine load hits all
    sides alike (see :func:`time_interleaved`); the figure is the median of
-   >= 50 steps (``--quick``: a few);
+   ``--steps`` steps, or of as many as fill ``--min-seconds`` (3 s) on the
+   slowest side, whichever is more: a 1 ms MLP step gets thousands of steps
+   in about six blocks per side, not one block (``--quick``: a few steps);
 4. mnn runs as installed: with numba, its compiled loops (:mod:`mnn.jit`)
    are on, and each case records whether they were (``mnn_jit``);
    ``MNN_JIT=0 python -m benchmarks.compare`` gives the pure-numpy figures;
@@ -57,6 +59,7 @@ BARS = {"mlp_train_b64": 0.7, "mlp_train_b512": 1.0, "gpt_train": 1.0}
 MEMORY_BARS = ("gpt_train",)
 LOSS_RTOL = 1e-4
 BLOCK_SECONDS = 0.5
+MIN_SECONDS = 3.0  # timed seconds per side at least: several blocks each, even for a 1 ms step
 SETTLE_SECONDS = 0.25  # between blocks: the last side's spinning BLAS/OpenMP threads go to sleep (OpenBLAS: ~0.1 s)
 HERE = Path(__file__).resolve().parent
 
@@ -71,11 +74,13 @@ def set_threads(threads: int):
     return limiter
 
 
-def time_interleaved(sides: dict, steps: int, warmup: int, block_seconds: float = BLOCK_SECONDS):
+def time_interleaved(sides: dict, steps: int, warmup: int, block_seconds: float = BLOCK_SECONDS,
+                     min_seconds: float = 0.0):
     """Warm up, then time ``steps`` steps of every side in blocks, in the order A B C, then C B A, ...
 
     ``sides`` maps a name to a :class:`~benchmarks.workers.Worker` (each side
     in its own process). Returns ``({side: [seconds per step, ...]}, steps per block)``.
+    ``steps`` grows to fill ``min_seconds`` on the slowest side if it would not.
 
     A block holds as many steps as fill about ``block_seconds`` (one step for
     a slow case). Before each block the parent waits ``SETTLE_SECONDS``, so the
@@ -90,6 +95,7 @@ def time_interleaved(sides: dict, steps: int, warmup: int, block_seconds: float 
         time.sleep(SETTLE_SECONDS)
         warm[name] += sides[name].call(run=max(warmup, 1))["times"]
     slowest = max(statistics.median(values) for values in warm.values())
+    steps = max(steps, math.ceil(min_seconds / slowest))
     block = max(1, min(steps, math.ceil(block_seconds / slowest)))
     times = {name: [] for name in names}
 
@@ -137,7 +143,8 @@ def _relative_iqr(values: list) -> float:
     return (q3 - q1) / median
 
 
-def run_case(case, steps: int, warmup: int, threads: int, tokens: int, torch_malloc: str) -> dict:
+def run_case(case, steps: int, warmup: int, threads: int, tokens: int, torch_malloc: str,
+             min_seconds: float = 0.0) -> dict:
     """Start one worker process per side of ``case``, check the first steps, time them; the case's result dict."""
     sides = {}
     try:
@@ -148,7 +155,7 @@ def run_case(case, steps: int, warmup: int, threads: int, tokens: int, torch_mal
         first_loss = {name: sides[name].greeting["first_loss"] for name in FRAMEWORKS}
         malloc = {name: sides[name].greeting["mnn_malloc_settings"] for name in SIDES}
         compiled = sides["mnn"].greeting["mnn_jit"]
-        times, block = time_interleaved(sides, steps, max(warmup - 1, 0))
+        times, block = time_interleaved(sides, steps, max(warmup - 1, 0), min_seconds=min_seconds)
     finally:
         for worker in sides.values():
             worker.close()
@@ -165,7 +172,7 @@ def run_case(case, steps: int, warmup: int, threads: int, tokens: int, torch_mal
         "first_loss": first_loss,
         "mnn_malloc_settings": malloc,
         "mnn_jit": compiled,
-        "steps": steps,
+        "steps": len(times["mnn"]),
         "warmup": warmup,
         "steps_per_block": block,
     }
@@ -357,6 +364,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a few steps only (CI): checks, not figures")
     parser.add_argument("--threads", type=int, default=2, help="threads for numpy's BLAS and for PyTorch")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 60; --quick 3)")
+    parser.add_argument("--min-seconds", type=float, default=None,
+                        help=f"timed seconds per side at least, in more steps (default {MIN_SECONDS:g}; --quick 0)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per side (default 5; --quick 1)")
     parser.add_argument("--cases", nargs="*", default=None, help="run only these cases")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -380,6 +389,7 @@ def main(argv=None) -> dict:
         return {}
     steps = args.steps or (3 if args.quick else 60)
     warmup = args.warmup or (1 if args.quick else 5)
+    min_seconds = args.min_seconds if args.min_seconds is not None else (0.0 if args.quick else MIN_SECONDS)
     cases = [c for c in all_cases(tokens) if args.cases is None or c.name in args.cases]
     unknown = set(args.cases or ()) - {c.name for c in cases}
     if unknown:
@@ -394,7 +404,7 @@ def main(argv=None) -> dict:
                "cases": {}}
     for case in cases:
         print(f"timing {case.name} ({steps} interleaved steps) ...", file=sys.stderr, flush=True)
-        result = run_case(case, steps, warmup, args.threads, tokens, args.torch_malloc)
+        result = run_case(case, steps, warmup, args.threads, tokens, args.torch_malloc, min_seconds)
         results["cases"][case.name] = result
         losses = result["first_loss"]
         if abs(losses["mnn"] - losses["torch"]) > LOSS_RTOL * abs(losses["torch"]):

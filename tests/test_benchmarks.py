@@ -49,6 +49,28 @@ def test_times_are_positive_and_ratios_are_their_quotients(quick_run):
         assert all(spread >= 0 for spread in case["spread"].values())
 
 
+class FakeSide:
+    """A worker stand-in whose every step took ``seconds``; records the size of each block it was asked for."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.blocks = seconds, []
+
+    def call(self, run: int) -> dict:
+        self.blocks.append(run)
+        return {"times": [self.seconds] * run}
+
+
+def test_a_fast_step_is_timed_for_min_seconds_in_several_interleaved_blocks(monkeypatch):
+    monkeypatch.setattr(compare, "SETTLE_SECONDS", 0.0)
+    sides = {"mnn": FakeSide(0.001), "torch": FakeSide(0.002), "floor": FakeSide(0.0005)}
+    times, block = compare.time_interleaved(sides, steps=60, warmup=1, block_seconds=0.1, min_seconds=1.0)
+    assert block == 50  # 0.1 s of the slowest side's 2 ms steps
+    assert {name: len(values) for name, values in times.items()} == {"mnn": 500, "torch": 500, "floor": 500}
+    assert sides["torch"].blocks[1:] == [50] * 10  # after the warm-up: ten blocks, not one
+    times, _ = compare.time_interleaved(sides, steps=60, warmup=1, block_seconds=0.1, min_seconds=0.0)
+    assert len(times["mnn"]) == 60  # no minimum: exactly the steps asked for
+
+
 def test_mnn_and_torch_computed_the_same_first_loss(quick_run):
     for name, case in quick_run[2]["cases"].items():
         losses = case["first_loss"]
