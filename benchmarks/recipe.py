@@ -149,7 +149,8 @@ def serve_side(side: str, config: GPTTrainConfig, threads: int, block: int) -> N
 
 def run_in_turns(config_args: list[str], threads: int, block: int, order: list[str], torch_malloc: str) -> dict:
     """Both sides in worker processes, block by block in turns; ``{side: result}`` with summed ``seconds``."""
-    workers, runs, seconds = {}, {}, dict.fromkeys(order, 0.0)
+    workers, runs = {}, {}
+    turns = {side: [] for side in order}  # seconds of each turn, in order: where the two sides differ
     try:
         for side in order:
             workers[side] = Worker("benchmarks.recipe", ["--side", side, "--threads", str(threads),
@@ -159,11 +160,11 @@ def run_in_turns(config_args: list[str], threads: int, block: int, order: list[s
         def run_block(side: str) -> bool:
             time.sleep(SETTLE_SECONDS)
             reply = workers[side].call(go=True)
-            seconds[side] += reply["seconds"]
+            turns[side].append(reply["seconds"])
             if reply["result"] is None:
                 return False
-            runs[side] = {**reply["result"], "seconds": seconds[side]}
-            print(f"{side}: {seconds[side]:.1f} s, best val {runs[side]['best_val']:.4f}", flush=True)
+            runs[side] = {**reply["result"], "seconds": sum(turns[side]), "turn_seconds": turns[side]}
+            print(f"{side}: {runs[side]['seconds']:.1f} s, best val {runs[side]['best_val']:.4f}", flush=True)
             return True
 
         in_turns(order, run_block)

@@ -21,6 +21,8 @@ def test_recipe_benchmark_compares_equal_work(tmp_path):
     for ours, theirs in zip(mnn_evals, torch_evals):  # same weights, same batches: the same losses
         assert abs(ours["val"] - theirs["val"]) < 1e-3 and abs(ours["train"] - theirs["train"]) < 1e-3
     assert report["ratio"]["mnn/torch seconds"] > 0
+    for run in report["runs"].values():  # 6 iterations in turns of 2, then the last evaluation: 4 turns
+        assert len(run["turn_seconds"]) == 4 and run["seconds"] == pytest.approx(sum(run["turn_seconds"]))
     assert "in turns of 2 iterations" in report["method"]
     # Each worker reports whether mnn's malloc settings are on in its process: PyTorch runs as its users run it.
     assert report["runs"]["torch"]["mnn_malloc_settings"] is False
