@@ -20,7 +20,7 @@ def test_recipe_benchmark_compares_equal_work(tmp_path):
     assert [e["step"] for e in mnn_evals] == [e["step"] for e in torch_evals] == [0, 3, 6]
     for ours, theirs in zip(mnn_evals, torch_evals):  # same weights, same batches: the same losses
         assert abs(ours["val"] - theirs["val"]) < 1e-3 and abs(ours["train"] - theirs["train"]) < 1e-3
-    assert report["ratio"]["mnn/torch seconds"] > 0
+    assert report["ratio"]["mnn/torch seconds"] > 0 and report["ratio"]["median over turns"] > 0
     for run in report["runs"].values():  # 6 iterations in turns of 2, then the last evaluation: 4 turns
         assert len(run["turn_seconds"]) == 4 and run["seconds"] == pytest.approx(sum(run["turn_seconds"]))
     assert "in turns of 2 iterations" in report["method"]
