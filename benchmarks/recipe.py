@@ -9,7 +9,12 @@ batches) twice on the same machine with the same thread count: once with
 over the benchmark's nanoGPT model, on identical batches (the same tokenizer,
 split and seeded window sampler). It records each side's wall time (training and evaluation, as a user waits
 for them: data preparation, every step and every evaluation) and best val
-loss in ``benchmarks/recipe.json``.
+loss in ``benchmarks/recipe.json``. Both save a checkpoint after an
+evaluation that improved val (the PyTorch loop with ``torch.save``, as
+nanoGPT's ``train.py`` does; ``train_gpt`` after every evaluation, with the
+best weights beside it); ``train_gpt`` also writes its history and loss plot
+at the end (about 1 s, matplotlib's import included), which the PyTorch
+loop does not.
 
 The two runs take turns: each framework runs in a worker process of its own
 (:mod:`benchmarks.workers` says why), and the parent lets one side run its
@@ -84,12 +89,17 @@ def run_torch(config: GPTTrainConfig, on_iteration=None) -> dict:
         return losses
 
     best_val, evaluations = math.inf, []
+    checkpoints = tempfile.TemporaryDirectory()
     for it in range(config.max_iters + 1):
         if on_iteration is not None:
             on_iteration(it)
         if it % config.eval_interval == 0 or it == config.max_iters:
             losses = estimate_loss()
             evaluations.append({"step": it, **losses})
+            if losses["val"] < best_val:  # nanoGPT's train.py saves a checkpoint then, as train_gpt does
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter_num": it,
+                            "best_val_loss": losses["val"], "config": asdict(config)},
+                           Path(checkpoints.name) / "ckpt.pt")
             best_val = min(best_val, losses["val"])
         if it == config.max_iters:
             break
@@ -102,6 +112,7 @@ def run_torch(config: GPTTrainConfig, on_iteration=None) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
+    checkpoints.cleanup()
     return {"seconds": time.perf_counter() - started, "best_val": best_val, "evaluations": evaluations}
 
 

@@ -430,7 +430,8 @@ def generate(root: Path = ROOT) -> tuple[dict[str, str], dict[str, list[Formula]
     files["benchmarks.md"] = table_page(
         "Benchmarks", "mnn against the same models in PyTorch, with the same thread count, in one run of "
         "`make bench` (`python -m benchmarks.compare`): each side in a worker process of its own, the sides taking "
-        "turns block by block (A B B A) after a warm-up, medians of the timed steps. The ratios are the figures "
+        "turns block by block (A B B A) after a warm-up, medians of the timed steps (at least 3 s of each side, so "
+        "a 1 ms step is timed in several blocks). The ratios are the figures "
         "(the machine is shared and noisy); the machine is named below. `mnn_jit` says whether mnn ran its "
         "compiled loops (numba, `mnn.jit`); `MNN_JIT=0 make bench` measures the pure-numpy path. The whole "
         "2000-iteration recipe, evaluation included, is compared by `python -m benchmarks.recipe` "
