@@ -270,6 +270,19 @@ def test_kv_cache_gives_the_logits_of_the_full_forward():
     assert past[0][0].shape == (3, TINY.n_head, 12, TINY.n_embd // TINY.n_head)
 
 
+def test_release_caches_reaches_every_module_also_in_a_replica():
+    from mnn.parallel import share_weights
+
+    for model in (GPT(TINY, seed=0), share_weights(GPT(TINY, seed=0))):
+        idx, _ = batch(TINY, B=2, T=6)
+        model.forward(idx)
+        cached = [name for name, module in model.named_modules() if module.cache is not None]
+        assert "lm_head" in cached and "transformer.h.0.attn.c_attn" in cached
+        model.release_caches()
+        assert [name for name, module in model.named_modules() if module.cache is not None] == []
+        assert len(model._all_modules) == len(list(model.named_modules()))  # nothing missed, nothing twice
+
+
 def test_generate_shapes_determinism_and_cache_equivalence():
     model = GPT(TINY, seed=0, dtype=np.float64).train()
     context = np.array([[1, 2, 3], [4, 5, 6]])
