@@ -304,9 +304,12 @@ class GPTGenerate(Case):
         return gpt_state(), {"ids": rng.integers(0, GPT_CPU["vocab_size"], (1, GPT_CPU["block_size"]))}
 
     def build_mnn(self, state, data):
+        from mnn import no_grad  # noqa: PLC0415
+
         model = mnn_gpt(state).eval()
         ids, n = data["ids"], self.units_per_step
 
+        @no_grad()  # as PyTorch's side runs under inference_mode
         def step():
             if self.cached:
                 logits, past = model.forward_cached(ids[:, :1])

@@ -28,7 +28,7 @@ import numpy
 from mnn.backend import default_dtype, to_numpy, xp
 from mnn.errors import ShapeError
 from mnn.layers import Dropout, Linear
-from mnn.module import Module, ModuleList
+from mnn.module import Module, ModuleList, no_grad
 from mnn.transformer import Block, Embedding, LayerNorm
 
 
@@ -158,6 +158,7 @@ class GPT(Module):
         t.wpe.backward(dx.sum(axis=0))  # the batch-broadcast position embedding
 
     # -- generation ---------------------------------------------------------
+    @no_grad()
     def forward_cached(self, idx, past=None):
         r"""Inference-only forward with a key/value cache: logits of the new positions, and the new cache.
 
@@ -207,28 +208,29 @@ class GPT(Module):
         self.eval()
         past = None
         try:
-            for _ in range(max_new_tokens):
-                context = idx[:, -self.config.block_size:]
-                if not use_cache:
-                    logits = self.forward(xp.asarray(context))
-                    self.release_caches()
-                elif past is None:
-                    logits, past = self.forward_cached(xp.asarray(context))
-                else:
-                    logits, past = self.forward_cached(xp.asarray(idx[:, -1:]), past)
-                if past is not None and past[0][0].shape[2] >= self.config.block_size:
-                    past = None  # the window slides next step: positions change, rebuild
-                logits = to_numpy(logits[:, -1, :]).astype(numpy.float64) / temperature
-                if top_k is not None:
-                    k = min(int(top_k), logits.shape[-1])
-                    kth = numpy.partition(logits, -k, axis=-1)[:, [-k]]  # the k-th largest
-                    logits[logits < kth] = -numpy.inf
-                probs = numpy.exp(logits - logits.max(axis=-1, keepdims=True))
-                probs /= probs.sum(axis=-1, keepdims=True)
-                cumulative = numpy.cumsum(probs, axis=-1)
-                draws = rng.random((idx.shape[0], 1)) * cumulative[:, -1:]
-                next_ids = (cumulative <= draws).sum(axis=-1).clip(max=probs.shape[-1] - 1)
-                idx = numpy.concatenate([idx, next_ids[:, None].astype(idx.dtype)], axis=1)
+            with no_grad():  # forward only: layers keep nothing for a backward
+                for _ in range(max_new_tokens):
+                    context = idx[:, -self.config.block_size:]
+                    if not use_cache:
+                        logits = self.forward(xp.asarray(context))
+                        self.release_caches()
+                    elif past is None:
+                        logits, past = self.forward_cached(xp.asarray(context))
+                    else:
+                        logits, past = self.forward_cached(xp.asarray(idx[:, -1:]), past)
+                    if past is not None and past[0][0].shape[2] >= self.config.block_size:
+                        past = None  # the window slides next step: positions change, rebuild
+                    logits = to_numpy(logits[:, -1, :]).astype(numpy.float64) / temperature
+                    if top_k is not None:
+                        k = min(int(top_k), logits.shape[-1])
+                        kth = numpy.partition(logits, -k, axis=-1)[:, [-k]]  # the k-th largest
+                        logits[logits < kth] = -numpy.inf
+                    probs = numpy.exp(logits - logits.max(axis=-1, keepdims=True))
+                    probs /= probs.sum(axis=-1, keepdims=True)
+                    cumulative = numpy.cumsum(probs, axis=-1)
+                    draws = rng.random((idx.shape[0], 1)) * cumulative[:, -1:]
+                    next_ids = (cumulative <= draws).sum(axis=-1).clip(max=probs.shape[-1] - 1)
+                    idx = numpy.concatenate([idx, next_ids[:, None].astype(idx.dtype)], axis=1)
         finally:
             self.train(was_training)
         return idx

@@ -10,6 +10,9 @@ A layer is a :class:`Module`:
   (``self.grads[k] += ...``), releases the cache and returns ``dx``.
 
 Because gradients accumulate, call :meth:`Module.zero_grad` once per step.
+Forward passes under :func:`no_grad` (evaluation, sampling) need not keep
+anything for a backward, and the layers that save work that way (GELU,
+LayerNorm) keep nothing there.
 Tied weights are one shared array (and one shared gradient array) in two
 modules, so both gradient contributions land in the same buffer.
 
@@ -20,10 +23,36 @@ sub-modules as attributes) name parameters with dots, as PyTorch does:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 from mnn.backend import xp
 from mnn.errors import CheckpointError, ShapeError
+
+_grad_enabled = True  # process-wide, so that DataParallel's replica threads see what the caller set
+
+
+def grad_enabled() -> bool:
+    """False inside :func:`no_grad`: forward passes need not keep anything for a backward."""
+    return _grad_enabled
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Forward passes inside keep nothing for a backward, as under ``torch.no_grad()``: less memory, less work.
+
+    This is separate from evaluation mode (:meth:`Module.eval`), which only
+    changes what layers compute (no dropout): a model in evaluation mode still
+    backpropagates, as in PyTorch. Layers that save work this way (GELU,
+    LayerNorm) write only their output; a backward after such a forward raises
+    an error naming ``no_grad``. The setting is process-wide, not per thread.
+    """
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
 
 
 class Module:
@@ -49,10 +78,8 @@ class Module:
         """Return the forward cache and release it; an error if forward did not run."""
         cache = self.cache
         if cache is None:
-            if not self.training:  # a layer may keep nothing in evaluation mode (GELU)
-                raise RuntimeError(f"{self!r}: backward after a forward in evaluation mode, which keeps nothing; "
-                                   "call train() before the forward")
-            raise RuntimeError(f"{self!r}: backward called without a forward (or twice)")
+            raise RuntimeError(f"{self!r}: backward called without a forward, twice, or after a forward under "
+                               "mnn.no_grad() (which keeps nothing for a backward)")
         self.cache = None
         return cache
 

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 
-from mnn.module import Module
+from mnn.module import Module, no_grad
 
 
 def share_weights(model: Module) -> Module:
@@ -145,6 +145,7 @@ class DataParallel:
                     total += part  # Eq. (1): the sum over replicas, in replica order
         return float(sum(losses[k] for k in sorted(losses)))  # Eq. (1)
 
+    @no_grad()
     def evaluate(self, x, y) -> float:
         """Loss of the whole batch ``(x, y)``, forward only (nothing is kept for a backward)."""
         rows = len(x)

@@ -25,6 +25,7 @@ from mnn.io import save_model
 from mnn.losses import CrossEntropyLoss
 from mnn.models import MLP
 from mnn.optim import SGD, Adam, AdamW, param_groups
+from mnn.module import no_grad
 from mnn.schedules import Constant, WarmupCosine
 from mnn.training import History, StepTimer, StopRequest, grad_norm, log, progress_bar, resume_command
 
@@ -71,8 +72,9 @@ def standardize(images, mean: float, std: float):
     return asarray(rows)
 
 
+@no_grad()
 def accuracy(model, x, y, batch_size: int = 2000) -> float:
-    """Fraction of rows whose arg-max logit equals the label (evaluation mode, no caches kept)."""
+    """Fraction of rows whose arg-max logit equals the label (evaluation mode, under no_grad)."""
     model.eval()
     correct = 0
     for start in range(0, len(x), batch_size):

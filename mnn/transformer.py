@@ -19,7 +19,7 @@ from mnn import jit
 from mnn.backend import default_dtype, xp
 from mnn.errors import InputError, ShapeError
 from mnn.layers import Dropout, Linear, MatrixProduct, Softmax
-from mnn.module import Module, check_input
+from mnn.module import Module, check_input, grad_enabled
 
 
 class Embedding(Module):
@@ -170,7 +170,7 @@ class LayerNorm(Module):
     \frac{\partial L}{\partial \beta} = \sum_{n} g_{n}. \tag{4}
     $$
 
-    Cache (in training mode; evaluation keeps nothing and writes only $y$):
+    Cache (none under :func:`mnn.no_grad`, which writes only $y$):
     $\hat x$ ``(..., C)`` and $r$ ``(..., 1)``. llm.c keeps only
     $(\mu, r)$ because its input buffer is stored anyway and it recomputes
     $\hat x = (x - \mu) r$ in backward. Here the input is not otherwise kept
@@ -209,7 +209,7 @@ class LayerNorm(Module):
         rstd = 1.0 / xp.sqrt(variance + self.eps)  # Eq. (1): r, (..., 1)
         x_hat = centred
         x_hat *= rstd  # Eq. (2)
-        if self.training:
+        if grad_enabled():
             self.cache = (x_hat, rstd)
         y = x_hat * self.params["weight"]  # Eq. (2)
         if "bias" in self.params:
@@ -240,13 +240,13 @@ class LayerNorm(Module):
         C = self.normalized_shape
         real = x.dtype.type
         y = xp.empty_like(x)
-        # Evaluation mode keeps nothing for a backward: no x_hat to write (an empty array tells the loop).
-        x_hat = xp.empty_like(x) if self.training else y.reshape(-1)[:0].reshape(0, C)
+        # Under no_grad nothing is kept for a backward: no x_hat to write (an empty array tells the loop).
+        x_hat = xp.empty_like(x) if grad_enabled() else y.reshape(-1)[:0].reshape(0, C)
         rstd = xp.empty(x.shape[:-1] + (1,), dtype=x.dtype)
         bias = self.params.get("bias", self.params["weight"][:0])
         _layernorm_forward_kernel(x.reshape(-1, C), self.params["weight"], bias, x_hat.reshape(-1, C),
                                   y.reshape(-1, C), rstd.reshape(-1), real(1.0 / C), real(self.eps), real(1.0))
-        if self.training:
+        if grad_enabled():
             self.cache = (x_hat, rstd)
         return y
 
@@ -347,7 +347,7 @@ class GELU(Module):
     \frac{\partial L}{\partial x} = J^\top g = g \odot y'(x). \tag{3}
     $$
 
-    Cache (in training mode; evaluation keeps nothing): the input $x$ and
+    Cache (none under :func:`mnn.no_grad`): the input $x$ and
     the gate $a$ (one extra array, which saves
     recomputing ``tanh``, the most expensive operation here, in backward; with
     $a$ rather than $\tanh u$, Eq. 2 takes three fewer passes than the tanh form).
@@ -368,7 +368,7 @@ class GELU(Module):
         gate = xp.tanh(u, out=u)
         gate += 1.0
         gate *= 0.5  # Eq. (1): a = (1 + tanh u) / 2
-        if not self.training:  # nothing to keep for a backward: the output takes the gate's memory
+        if not grad_enabled():  # nothing to keep for a backward: the output takes the gate's memory
             gate *= x  # Eq. (1)
             return gate
         self.cache = (x, gate)
@@ -398,7 +398,7 @@ class GELU(Module):
         u = xp.empty_like(x)
         _gelu_argument_kernel(jit.flat(x), jit.flat(u), real(_SQRT_2_OVER_PI), real(_GELU_CUBIC * _SQRT_2_OVER_PI))
         gate = xp.tanh(u, out=u)  # Eq. (1): tanh u
-        if not self.training:  # nothing to keep for a backward: the output takes the gate's memory
+        if not grad_enabled():  # nothing to keep for a backward: the output takes the gate's memory
             _gelu_output_kernel(jit.flat(x), jit.flat(gate), real(0.5))
             return gate
         y = xp.empty_like(x)
@@ -426,7 +426,7 @@ def _gelu_gate_kernel(x, gate, y, half):
 
 @jit.kernel
 def _gelu_output_kernel(x, gate, half):
-    """GELU Eq. (1) in evaluation mode: ``gate`` holds ``tanh u`` on entry and ``y = x a`` on return."""
+    """GELU Eq. (1) under no_grad: ``gate`` holds ``tanh u`` on entry and ``y = x a`` on return."""
     for i in range(x.size):
         gate[i] = x[i] * (gate[i] * half + half)  # Eq. (1)
 

@@ -256,6 +256,23 @@ def test_gradcheck_whole_model_with_dropout():
     mnn.gradcheck(model, (idx,), before_forward=reseed)
 
 
+def test_evaluation_mode_backpropagates_and_no_grad_keeps_nothing():
+    """As in PyTorch: eval() turns dropout off but still backpropagates; no_grad() keeps nothing for a backward."""
+    config = GPTConfig(block_size=4, vocab_size=7, n_layer=1, n_head=2, n_embd=4, dropout=0.2)
+    model = GPT(config, seed=0, dtype=np.float64).eval()
+    idx = np.array([[0, 3, 6, 2], [5, 5, 1, 4]])
+    mnn.gradcheck(model, (idx,))  # deterministic: no dropout in evaluation mode
+    with mnn.no_grad():
+        logits = model.forward(idx)
+    assert mnn.grad_enabled()
+    np.testing.assert_array_equal(logits, model.forward(idx))
+    model.release_caches()
+    with pytest.raises(RuntimeError, match="oops"):
+        with mnn.no_grad():
+            raise RuntimeError("oops")
+    assert mnn.grad_enabled()  # restored after an exception too
+
+
 # -- sampling --------------------------------------------------------------------
 def test_kv_cache_gives_the_logits_of_the_full_forward():
     model = GPT(TINY, seed=0, dtype=np.float64).eval()

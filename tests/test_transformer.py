@@ -101,24 +101,29 @@ def test_layernorm_matches_pytorch(np_dtype, torch_dtype, tol, bias, compute_pat
         assert rel(grad, params[name].grad) <= tol, name
 
 
-def assert_evaluation_keeps_nothing(layer, x):
-    """The evaluation-mode forward gives the training-mode output, keeps no cache, and backward names the mode."""
+def assert_no_grad_keeps_nothing(layer, x):
+    """Under no_grad the forward gives the same output and keeps no cache, and backward names no_grad;
+    evaluation mode alone still backpropagates, as in PyTorch."""
     expected = layer.forward(x)
-    layer.cache = None
+    dx = layer.backward(np.ones_like(x))
     layer.eval()
     np.testing.assert_array_equal(layer.forward(x), expected)
-    assert layer.cache is None
-    with pytest.raises(RuntimeError, match="evaluation mode"):
+    np.testing.assert_array_equal(layer.backward(np.ones_like(x)), dx)
+    with mnn.no_grad():
+        assert not mnn.grad_enabled()
+        np.testing.assert_array_equal(layer.forward(x), expected)
+    assert mnn.grad_enabled() and layer.cache is None
+    with pytest.raises(RuntimeError, match="no_grad"):
         layer.backward(np.ones_like(x))
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_layernorm_in_evaluation_mode_keeps_nothing_and_gives_the_same_output(bias, compute_path):
+def test_layernorm_under_no_grad_keeps_nothing_and_gives_the_same_output(bias, compute_path):
     rng = np.random.default_rng(6)
     layer = LayerNorm(16, bias=bias, dtype=np.float32)
     perturb_params(layer, rng)
     x = randn(rng, (3, 5, 16), np.float32, 2.0) + 0.5
-    assert_evaluation_keeps_nothing(layer, x)
+    assert_no_grad_keeps_nothing(layer, x)
 
 
 # -- GELU --------------------------------------------------------------------------
@@ -141,10 +146,10 @@ def test_gelu_matches_pytorch_tanh_approximation(np_dtype, torch_dtype, tol, com
     assert rel(y, yt) <= tol and rel(dx, xt.grad) <= tol
 
 
-def test_gelu_in_evaluation_mode_keeps_nothing_and_says_so_on_backward(compute_path):
+def test_gelu_under_no_grad_keeps_nothing_and_says_so_on_backward(compute_path):
     x = np.linspace(-3, 3, 12).reshape(3, 4)
     layer = GELU()
-    assert_evaluation_keeps_nothing(layer, x)
+    assert_no_grad_keeps_nothing(layer, x)
 
 
 # -- attention ---------------------------------------------------------------------
