@@ -319,7 +319,6 @@ class GPTGenerate(Case):
             else:
                 for t in range(1, n + 1):
                     logits = model.forward(ids[:, :t])
-                    model.release_caches()
                     logits[:, -1].argmax(-1)
             return logits[0, -1]
 

@@ -10,9 +10,9 @@ A layer is a :class:`Module`:
   (``self.grads[k] += ...``), releases the cache and returns ``dx``.
 
 Because gradients accumulate, call :meth:`Module.zero_grad` once per step.
-Forward passes under :func:`no_grad` (evaluation, sampling) need not keep
-anything for a backward, and the layers that save work that way (GELU,
-LayerNorm) keep nothing there.
+Forward passes under :func:`no_grad` (evaluation, sampling) keep nothing for
+a backward: ``self.cache`` stores nothing there, and GELU and LayerNorm also
+skip the work their cache would have needed.
 Tied weights are one shared array (and one shared gradient array) in two
 modules, so both gradient contributions land in the same buffer.
 
@@ -43,9 +43,11 @@ def no_grad():
 
     This is separate from evaluation mode (:meth:`Module.eval`), which only
     changes what layers compute (no dropout): a model in evaluation mode still
-    backpropagates, as in PyTorch. Layers that save work this way (GELU,
-    LayerNorm) write only their output; a backward after such a forward raises
-    an error naming ``no_grad``. The setting is process-wide, not per thread.
+    backpropagates, as in PyTorch. Inside, :attr:`Module.cache` stores nothing
+    (so no activation outlives its use and nothing needs releasing), and GELU
+    and LayerNorm write only their output; a backward after such a forward
+    raises an error naming ``no_grad``. The setting is process-wide, not per
+    thread.
     """
     global _grad_enabled
     previous, _grad_enabled = _grad_enabled, False
@@ -63,6 +65,15 @@ class Module:
         self.grads: dict = {}
         self.training = True
         self.cache = None
+
+    @property
+    def cache(self):
+        """What forward kept for backward (``None`` when nothing is kept)."""
+        return self._cache
+
+    @cache.setter
+    def cache(self, value) -> None:
+        self._cache = value if _grad_enabled else None  # under no_grad nothing is kept for a backward
 
     # -- the two passes -------------------------------------------------
     def forward(self, *inputs):

@@ -80,7 +80,6 @@ def accuracy(model, x, y, batch_size: int = 2000) -> float:
     for start in range(0, len(x), batch_size):
         logits = model.forward(x[start:start + batch_size])
         correct += int((logits.argmax(axis=1) == y[start:start + batch_size]).sum())
-    model.release_caches()
     model.train()
     return correct / len(x)
 

@@ -19,7 +19,7 @@ from mnn import jit
 from mnn.backend import default_dtype, xp
 from mnn.errors import InputError, ShapeError
 from mnn.layers import Dropout, Linear, MatrixProduct, Softmax
-from mnn.module import Module, check_input, grad_enabled
+from mnn.module import Module, check_input, grad_enabled, no_grad
 
 
 class Embedding(Module):
@@ -209,8 +209,7 @@ class LayerNorm(Module):
         rstd = 1.0 / xp.sqrt(variance + self.eps)  # Eq. (1): r, (..., 1)
         x_hat = centred
         x_hat *= rstd  # Eq. (2)
-        if grad_enabled():
-            self.cache = (x_hat, rstd)
+        self.cache = (x_hat, rstd)  # kept only if grad is enabled (Module.cache)
         y = x_hat * self.params["weight"]  # Eq. (2)
         if "bias" in self.params:
             y += self.params["bias"]  # Eq. (2)
@@ -246,8 +245,7 @@ class LayerNorm(Module):
         bias = self.params.get("bias", self.params["weight"][:0])
         _layernorm_forward_kernel(x.reshape(-1, C), self.params["weight"], bias, x_hat.reshape(-1, C),
                                   y.reshape(-1, C), rstd.reshape(-1), real(1.0 / C), real(self.eps), real(1.0))
-        if grad_enabled():
-            self.cache = (x_hat, rstd)
+        self.cache = (x_hat, rstd)  # kept only if grad is enabled (Module.cache)
         return y
 
     def _backward_compiled(self, dy, x_hat, rstd):
@@ -607,6 +605,7 @@ class MultiHeadAttention(Module):
         dv_slot[...] = dv  # Eq. (4)
         return self.c_attn.backward(dqkv.reshape(B * T, 3 * C)).reshape(B, T, C)
 
+    @no_grad()
     def forward_cached(self, x, past=None):
         r"""Inference-only attention of new tokens over cached and new keys: ``(out, (K, V))``.
 
@@ -619,18 +618,15 @@ class MultiHeadAttention(Module):
         check_input(self, x, last_dim=self.n_embd, ndim=3)
         B, T, C = x.shape
         q, k, v = self.split_heads(self.c_attn.forward(x.reshape(B * T, C)), B, T)  # Eq. (1)
-        self.c_attn.cache = None
         if past is not None:
             k = xp.concatenate((past[0], k), axis=2)
             v = xp.concatenate((past[1], v), axis=2)
         scores = (q * self.scale) @ xp.swapaxes(k, -1, -2)  # Eq. (2)
         mask = self.causal_mask(T, k.shape[2], dtype=scores.dtype) if self.causal else None  # Eq. (2)
         probs = self.softmax.forward(scores, mask, self.own_scores(scores), out=scores)  # Eq. (3)
-        self.softmax.cache = None
         y = xp.empty((B, T, C), dtype=probs.dtype)
         xp.matmul(probs, v, out=self.merge_view(y))  # Eq. (3), heads merged
         out = self.c_proj.forward(y.reshape(B * T, C))
-        self.c_proj.cache = None
         return out.reshape(B, T, C), (k, v)
 
     def extra_repr(self) -> str:

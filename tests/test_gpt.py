@@ -297,7 +297,19 @@ def test_release_caches_reaches_every_module_also_in_a_replica():
         assert "lm_head" in cached and "transformer.h.0.attn.c_attn" in cached
         model.release_caches()
         assert [name for name, module in model.named_modules() if module.cache is not None] == []
-        assert len(model._all_modules) == len(list(model.named_modules()))  # nothing missed, nothing twice
+
+
+def test_no_grad_forwards_leave_no_cache_anywhere():
+    model, loss_fn = GPT(TINY, seed=0), CrossEntropyLoss()
+    idx, targets = batch(TINY, B=2, T=6)
+    with mnn.no_grad():
+        loss_fn.forward(model.forward(idx), targets)
+        model.forward_cached(idx)
+    assert [name for name, module in model.named_modules() if module.cache is not None] == []
+    assert loss_fn.cache is None
+    loss_fn.forward(model.forward(idx), targets)  # outside no_grad the caches are kept again
+    assert model.lm_head.cache is not None and model.transformer.h[0].attn.c_attn.cache is not None
+    assert loss_fn.cache is not None
 
 
 def test_generate_shapes_determinism_and_cache_equivalence():
