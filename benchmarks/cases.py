@@ -197,14 +197,14 @@ class MLPStep(Case):
 
 
 def gpt_state() -> dict:
-    from mnn.gpt import GPT, GPTConfig  # noqa: PLC0415
+    from mnn.models.gpt import GPT, GPTConfig  # noqa: PLC0415
 
     model = GPT(GPTConfig(**GPT_CPU), seed=0)
     return {name: numpy.array(value, copy=True) for name, value in model.state_dict().items()}
 
 
 def mnn_gpt(state):
-    from mnn.gpt import GPT, GPTConfig  # noqa: PLC0415
+    from mnn.models.gpt import GPT, GPTConfig  # noqa: PLC0415
 
     model = GPT(GPTConfig(**GPT_CPU), seed=0)
     model.load_state_dict(state)
@@ -215,7 +215,7 @@ def torch_gpt(state):
     import torch  # noqa: PLC0415
 
     from benchmarks.torch_models import GPT  # noqa: PLC0415
-    from mnn.gpt import GPTConfig  # noqa: PLC0415
+    from mnn.models.gpt import GPTConfig  # noqa: PLC0415
 
     model = GPT(GPTConfig(**GPT_CPU))
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()})
@@ -237,7 +237,7 @@ class GPTStep(Case):
         from mnn.losses import CrossEntropyLoss  # noqa: PLC0415
         from mnn.optim import AdamW, clip_grad_norm, param_groups  # noqa: PLC0415
         from mnn.parallel import DataParallel  # noqa: PLC0415
-        from mnn.train_gpt import GPTTrainConfig  # noqa: PLC0415
+        from mnn.train.language_model import GPTTrainConfig  # noqa: PLC0415
 
         model = mnn_gpt(state)
         parallel = DataParallel(model, CrossEntropyLoss(), GPTTrainConfig.replicas)  # as train_gpt runs it
@@ -245,7 +245,7 @@ class GPTStep(Case):
         grads = [grad for _, grad in model.named_grads()]
         x, y = data["x"], data["y"]
 
-        def step():  # the loop body of mnn.train_gpt
+        def step():  # the loop body of mnn.train.language_model
             optimizer.zero_grad()
             loss = parallel.forward_backward(x, y)
             clip_grad_norm(grads, GRAD_CLIP)

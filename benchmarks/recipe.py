@@ -5,7 +5,7 @@
 AdamW 0.9/0.99, weight decay 0.1 on matrices, warm-up 100 then cosine
 1e-3 -> 1e-4, clipping at 1.0, evaluation every 250 iterations over 200
 batches) twice on the same machine with the same thread count: once with
-``mnn.train_gpt.train_gpt`` and once with the same loop written in PyTorch
+``mnn.train.language_model.train_gpt`` and once with the same loop written in PyTorch
 over the benchmark's nanoGPT model, on identical batches (the same tokenizer,
 split and seeded window sampler). It records each side's wall time (training and evaluation, as a user waits
 for them: data preparation, every step and every evaluation) and best val
@@ -46,9 +46,9 @@ from threadpoolctl import threadpool_limits
 from benchmarks import torch_models
 from benchmarks.workers import Channel, Worker, in_turns, side_environment
 from mnn.data import random_windows, tiny_shakespeare_path
-from mnn.gpt import GPT, GPTConfig
-from mnn.schedules import WarmupCosine
-from mnn.train_gpt import PRESETS, GPTTrainConfig, prepare_text, train_gpt
+from mnn.models.gpt import GPT, GPTConfig
+from mnn.optim.schedules import WarmupCosine
+from mnn.train.language_model import PRESETS, GPTTrainConfig, prepare_text, train_gpt
 
 
 SETTLE_SECONDS = 0.25  # between turns, for the last side's spinning BLAS/OpenMP threads to park

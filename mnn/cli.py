@@ -65,7 +65,7 @@ probability.__name__ = "probability"
 
 
 def add_mlp_parser(train) -> None:
-    from mnn.train_mlp import PRESETS  # noqa: PLC0415
+    from mnn.train.classifier import PRESETS  # noqa: PLC0415
 
     mlp = train.add_parser("mlp", help="an MLP classifier on Fashion-MNIST or MNIST")
     mlp.add_argument("--preset", choices=sorted(PRESETS),
@@ -88,7 +88,7 @@ def add_mlp_parser(train) -> None:
 
 
 def add_gpt_parser(train) -> None:
-    from mnn.train_gpt import PRESETS  # noqa: PLC0415
+    from mnn.train.language_model import PRESETS  # noqa: PLC0415
 
     gpt = train.add_parser("gpt", help="a character-level GPT on a text file (default: tiny Shakespeare)")
     gpt.add_argument("--preset", choices=sorted(PRESETS),
@@ -164,31 +164,31 @@ def train_config(args, config_class, presets: dict, default_preset: str):
     if args.preset is not None:
         raise MnnError("--preset cannot be combined with --resume: the run keeps its own options "
                        "(give single options to change them)")
-    from mnn.checkpoint import resume_config  # noqa: PLC0415
+    from mnn.io.checkpoint import resume_config  # noqa: PLC0415
 
     return resume_config(args.resume, config_class, given, FIXED_ON_RESUME[args.model], args.model), args.resume
 
 
 def run(args) -> int:
     if args.command == "train" and args.model == "mlp":
-        from mnn.train_mlp import PRESETS, MLPTrainConfig, train_mlp  # noqa: PLC0415
+        from mnn.train.classifier import PRESETS, MLPTrainConfig, train_mlp  # noqa: PLC0415
 
         config, resume = train_config(args, MLPTrainConfig, PRESETS, "default")
         train_mlp(config, resume=resume)
         return 0
     if args.command == "train" and args.model == "gpt":
-        from mnn.train_gpt import PRESETS, GPTTrainConfig, train_gpt  # noqa: PLC0415
+        from mnn.train.language_model import PRESETS, GPTTrainConfig, train_gpt  # noqa: PLC0415
 
         config, resume = train_config(args, GPTTrainConfig, PRESETS, "shakespeare-char-cpu")
         train_gpt(config, resume=resume)
         return 0
     if args.command == "sample":
-        from mnn.train_gpt import sample_file  # noqa: PLC0415
+        from mnn.train.language_model import sample_file  # noqa: PLC0415
 
         print(sample_file(args.weights, args.prompt, args.tokens, args.temperature, args.top_k, args.seed))
         return 0
     if args.command == "eval":
-        from mnn.train_mlp import evaluate_file  # noqa: PLC0415
+        from mnn.train.classifier import evaluate_file  # noqa: PLC0415
 
         print(f"test_acc {evaluate_file(args.weights, args.data_dir):.4f}")
         return 0

@@ -97,7 +97,7 @@ class DataParallel:
 
     def generators(self, prefix: str = "replica") -> dict:
         """The replicas' own generators (replica 0's are the model's), by name: for checkpoints."""
-        from mnn.checkpoint import model_generators  # noqa: PLC0415 - checkpoint imports training code
+        from mnn.io.checkpoint import model_generators  # noqa: PLC0415 - checkpoint imports training code
 
         found = {}
         for index, replica in enumerate(self.models[1:], start=1):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnn.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_generators, save_checkpoint
+from mnn.io.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_generators, save_checkpoint
 from fake_data import write_fake_mnist
 from mnn.errors import CheckpointError, MnnError
 from mnn.io import load_model, read_tensors, save_model, save_tensors
@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # an arbitrary but reproducible step, through the same handler a Ctrl-C reaches.
 SELF_SIGNAL = """
 import os, signal, sys
+import mnn.io.safetensors
 import mnn.optim
 from mnn.cli import main
 stop_at, sig = int(sys.argv[1]), getattr(signal, sys.argv[2])
@@ -230,7 +231,7 @@ def test_a_failing_write_leaves_the_previous_checkpoint_and_no_temporary_file(tm
         def __exit__(self, *exc):
             self.file.close()
 
-    monkeypatch.setattr(mnn.io.os, "fdopen", lambda *a, **k: FullDisk(real_fdopen(*a, **k)))
+    monkeypatch.setattr(mnn.io.safetensors.os, "fdopen", lambda *a, **k: FullDisk(real_fdopen(*a, **k)))
     with pytest.raises(OSError, match="No space left"):
         write_checkpoint(path, model, optimizer, generators, step=6)
     monkeypatch.undo()

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mnn.checkpoint import load_checkpoint, model_generators, save_checkpoint
+from mnn.io.checkpoint import load_checkpoint, model_generators, save_checkpoint
 from mnn.data import read_idx, write_idx
 from mnn.errors import MnnError
 from mnn.gradcheck import gradcheck

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 import mnn
 from mnn.errors import InputError, ShapeError
-from mnn.gpt import GPT, GPTConfig
+from mnn.models.gpt import GPT, GPTConfig
 from mnn.losses import CrossEntropyLoss
 from mnn.optim import AdamW, clip_grad_norm, param_groups
 

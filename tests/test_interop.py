@@ -11,7 +11,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 nn, F = torch.nn, torch.nn.functional
 
 from mnn.errors import CheckpointError  # noqa: E402
-from mnn.gpt import GPT, GPTConfig  # noqa: E402
+from mnn.models.gpt import GPT, GPTConfig  # noqa: E402
 from mnn.io import export_gpt, import_gpt, save_model  # noqa: E402
 
 CONFIG = GPTConfig(block_size=12, vocab_size=19, n_layer=2, n_head=2, n_embd=16, dropout=0.0, bias=True)

@@ -12,7 +12,7 @@ from mnn.errors import CheckpointError
 from mnn.layers import Linear
 from mnn.module import Sequential
 from mnn.optim import SGD, Adam, AdamW, clip_grad_norm, param_groups
-from mnn.schedules import Constant, StepDecay, WarmupCosine, schedule_from_config
+from mnn.optim.schedules import Constant, StepDecay, WarmupCosine, schedule_from_config
 
 TOLERANCE = {numpy.float64: 1e-10, numpy.float32: 1e-6}
 SHAPES = {"w1": (5, 4), "b1": (5,), "w2": (3, 5), "gain": (3,)}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mnn.backend import set_default_dtype
-from mnn.gpt import GPT, GPTConfig
+from mnn.models.gpt import GPT, GPTConfig
 from mnn.losses import CrossEntropyLoss
 from mnn.models import MLP
 from mnn.parallel import DataParallel, share_weights

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 import mnn.losses
-from mnn.checkpoint import CHECKPOINT_NAME
+from mnn.io.checkpoint import CHECKPOINT_NAME
 from mnn.cli import main
 from mnn.data import write_idx
 from mnn.errors import InputError, MnnError, ShapeError, TrainingError
 from mnn.io import read_tensors
-from mnn.train_gpt import GPTTrainConfig, train_gpt
-from mnn.train_mlp import MLPTrainConfig, train_mlp
+from mnn.train.language_model import GPTTrainConfig, train_gpt
+from mnn.train.classifier import MLPTrainConfig, train_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "bad-input.md"
@@ -235,7 +235,7 @@ def test_gpt_skip_nonfinite_and_a_broken_evaluation(workdir, tmp_path, monkeypat
 
 # -- the Python API names the layer, the expected and the actual shape ------------------
 def test_api_errors_name_the_layer_and_both_shapes():
-    from mnn.gpt import GPT, GPTConfig
+    from mnn.models.gpt import GPT, GPTConfig
     from mnn.layers import Linear
     from mnn.losses import CrossEntropyLoss
 
@@ -253,10 +253,10 @@ def test_api_errors_name_the_layer_and_both_shapes():
 
 
 def test_checkpoint_interval_adds_checkpoints(workdir, tmp_path, monkeypatch):
-    import mnn.train_gpt
+    import mnn.train.language_model
 
-    steps, original = [], mnn.train_gpt.save_checkpoint
-    monkeypatch.setattr(mnn.train_gpt, "save_checkpoint",
+    steps, original = [], mnn.train.language_model.save_checkpoint
+    monkeypatch.setattr(mnn.train.language_model, "save_checkpoint",
                         lambda path, model, opt, gens, config, step, state, **extra:
                         steps.append((step, state["evaluated"])) or original(path, model, opt, gens, config, step,
                                                                               state, **extra))

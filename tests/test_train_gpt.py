@@ -8,7 +8,7 @@ import pytest
 
 from mnn.cli import main
 from mnn.io import load_model
-from mnn.train_gpt import GPTTrainConfig, sample_file, train_gpt
+from mnn.train.language_model import GPTTrainConfig, sample_file, train_gpt
 
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 needs_text = pytest.mark.skipif(not SHAKESPEARE.exists(), reason="../shared/data/tinyshakespeare.txt is not beside the checkout")

@@ -11,7 +11,7 @@ import pytest
 from fake_data import write_fake_mnist
 from mnn.cli import main
 from mnn.io import load_model
-from mnn.train_mlp import MLPTrainConfig, train_mlp
+from mnn.train.classifier import MLPTrainConfig, train_mlp
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_fashion = pytest.mark.skipif(not FASHION.exists(), reason="Debian package dataset-fashion-mnist not installed")

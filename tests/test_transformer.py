@@ -11,7 +11,8 @@ from torch.nn import functional as F
 
 import mnn
 from mnn.errors import InputError, ShapeError
-from mnn.transformer import GELU, MLP, Block, Embedding, LayerNorm, MultiHeadAttention
+from mnn.layers import GELU, Embedding, LayerNorm, MultiHeadAttention
+from mnn.models.gpt import MLP, Block
 
 DTYPES = [(np.float32, torch.float32, 1e-5), (np.float64, torch.float64, 1e-10)]
 

@@ -8,7 +8,9 @@ import os
 import tempfile
 import urllib.error
 from pathlib import Path
-from urllib.request import urlopen  # module attribute: tests replace it with a fake opener
+from urllib.request import (
+    urlopen,  # module attribute: tests replace it with a fake opener
+)
 
 from mnn.errors import DataError
 

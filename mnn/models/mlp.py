@@ -1,4 +1,4 @@
-"""Ready-made models built from the layers: the multi-layer perceptron, rebuilt from a config dict."""
+"""The multi-layer perceptron: ``Linear -> activation [-> Dropout]`` per hidden size, then ``Linear``."""
 
 from __future__ import annotations
 
@@ -44,19 +44,3 @@ class MLP(Sequential):
         super().__init__(*layers)
         self.config = {"kind": "mlp", "in_features": in_features, "hidden": hidden,
                        "num_classes": num_classes, "activation": activation, "dropout": dropout, "seed": seed}
-
-
-def model_from_config(config: dict):
-    """Rebuild a model (untrained) from the ``config`` saved beside its weights."""
-    if not isinstance(config, dict):
-        raise ValueError(f"config must be a JSON object, got {type(config).__name__}")
-    kind = config.get("kind", "gpt" if "n_layer" in config else None)
-    if kind == "mlp":
-        keys = ("in_features", "hidden", "num_classes", "activation", "dropout", "seed")
-        return MLP(**{k: config[k] for k in keys if k in config})
-    if kind == "gpt":
-        from mnn.gpt import GPT, GPTConfig  # noqa: PLC0415 - the GPT is only imported when needed
-
-        fields = GPTConfig.__dataclass_fields__
-        return GPT(GPTConfig(**{k: v for k, v in config.items() if k in fields}))
-    raise ValueError(f"unknown model kind {kind!r} in config")

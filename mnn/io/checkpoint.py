@@ -28,14 +28,8 @@ import numpy
 
 from mnn.backend import xp
 from mnn.errors import CheckpointError, TrainingError
-from mnn.io import (
-    CHECKPOINT_KIND,
-    OPTIM_PREFIX,
-    config_dict,
-    decode_metadata,
-    read_tensors,
-    save_tensors,
-)
+from mnn.io.safetensors import CHECKPOINT_KIND, OPTIM_PREFIX, decode_metadata, read_tensors, save_tensors
+from mnn.io.weights import config_dict
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 WEIGHTS_NAME = "model.safetensors"

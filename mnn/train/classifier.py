@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy
 
 from mnn.backend import asarray, default_dtype, to_numpy, xp
-from mnn.checkpoint import (
+from mnn.data import load_vision_dataset, minibatches
+from mnn.errors import CheckpointError, DataError, TrainingError
+from mnn.io import save_model
+from mnn.io.checkpoint import (
     CHECKPOINT_NAME,
     WEIGHTS_NAME,
     load_checkpoint,
@@ -19,15 +22,20 @@ from mnn.checkpoint import (
     save_checkpoint,
     weights_finite,
 )
-from mnn.data import load_vision_dataset, minibatches
-from mnn.errors import CheckpointError, DataError, TrainingError
-from mnn.io import save_model
 from mnn.losses import CrossEntropyLoss
 from mnn.models import MLP
-from mnn.optim import SGD, Adam, AdamW, param_groups
 from mnn.module import no_grad
-from mnn.schedules import Constant, WarmupCosine
-from mnn.training import History, StepTimer, StopRequest, grad_norm, log, progress_bar, resume_command
+from mnn.optim import SGD, Adam, AdamW, param_groups
+from mnn.optim.schedules import Constant, WarmupCosine
+from mnn.train.reporting import (
+    History,
+    StepTimer,
+    StopRequest,
+    grad_norm,
+    log,
+    progress_bar,
+    resume_command,
+)
 
 
 @dataclass

@@ -27,9 +27,8 @@ import numpy
 
 from mnn.backend import default_dtype, to_numpy, xp
 from mnn.errors import ShapeError
-from mnn.layers import Dropout, Linear
-from mnn.module import Module, ModuleList, no_grad
-from mnn.transformer import Block, Embedding, LayerNorm
+from mnn.layers import GELU, Dropout, Embedding, LayerNorm, Linear, MultiHeadAttention
+from mnn.module import Module, ModuleList, check_input, no_grad
 
 
 @dataclass
@@ -43,6 +42,90 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = True
+
+
+class MLP(Module):
+    r"""The block's feed-forward part: ``c_fc`` ($C \to 4C$), GELU, ``c_proj`` ($4C \to C$), dropout.
+
+    Forward, per token: $\text{out} = \operatorname{dropout}\big(W_2\, \operatorname{GELU}(W_1 x + b_1) + b_2\big)$.
+    Backward is the chain rule through the four layers in reverse, each
+    layer's own vector-Jacobian product (see :class:`~mnn.layers.Linear`,
+    :class:`GELU`, :class:`~mnn.layers.Dropout`). Cache: ``(B, T)`` only.
+    """
+
+    def __init__(self, n_embd: int, dropout: float = 0.0, bias: bool = True,
+                 rng: numpy.random.Generator | None = None, dtype=None) -> None:
+        super().__init__()
+        rng = rng if rng is not None else numpy.random.default_rng()
+        self.n_embd = n_embd
+        self.c_fc = Linear(n_embd, 4 * n_embd, bias=bias, rng=rng, dtype=dtype)
+        self.gelu = GELU()
+        self.c_proj = Linear(4 * n_embd, n_embd, bias=bias, rng=rng, dtype=dtype)
+        self.dropout = Dropout(dropout, rng=rng)
+
+    def forward(self, x):
+        check_input(self, x, last_dim=self.n_embd, ndim=3)
+        B, T, C = x.shape
+        h = self.gelu.forward(self.c_fc.forward(x.reshape(B * T, C)))
+        out = self.dropout.forward(self.c_proj.forward(h))
+        self.cache = (B, T)
+        return out.reshape(B, T, C)
+
+    def backward(self, dy):
+        B, T = self.pop_cache()
+        C = self.n_embd
+        dh = self.c_proj.backward(self.dropout.backward(dy.reshape(B * T, C)))
+        return self.c_fc.backward(self.gelu.backward(dh)).reshape(B, T, C)
+
+
+class Block(Module):
+    r"""One pre-LN Transformer block: $x + \operatorname{attn}(\operatorname{ln}_1 x)$, then $+ \operatorname{mlp}(\operatorname{ln}_2 \cdot)$.
+
+    Forward:
+
+    $$
+    h = x + \operatorname{attn}\big(\operatorname{LN}_1(x)\big), \qquad
+    z = h + \operatorname{mlp}\big(\operatorname{LN}_2(h)\big). \tag{1}
+    $$
+
+    Backward. A residual connection $z = h + f(h)$ has Jacobian
+    $\partial z / \partial h = I + J_f$, so its vector-Jacobian product is the
+    sum of the two paths, the identity path and the branch:
+
+    $$
+    \frac{\partial L}{\partial h} = g_z + J_{\text{mlp} \circ \text{LN}_2}^\top\, g_z, \qquad
+    \frac{\partial L}{\partial x} = g_h + J_{\text{attn} \circ \text{LN}_1}^\top\, g_h, \tag{2}
+    $$
+
+    with $g_z = \partial L / \partial z$ and $g_h = \partial L / \partial h$.
+    The identity path is why gradients reach early layers undiminished.
+    Cache: nothing (the sub-layers keep theirs).
+    """
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True,
+                 causal: bool = True, rng: numpy.random.Generator | None = None, dtype=None) -> None:
+        super().__init__()
+        rng = rng if rng is not None else numpy.random.default_rng()
+        self.ln_1 = LayerNorm(n_embd, bias=bias, dtype=dtype)
+        self.attn = MultiHeadAttention(n_embd, n_head, causal=causal, dropout=dropout, bias=bias,
+                                       rng=rng, dtype=dtype)
+        self.ln_2 = LayerNorm(n_embd, bias=bias, dtype=dtype)
+        self.mlp = MLP(n_embd, dropout=dropout, bias=bias, rng=rng, dtype=dtype)
+
+    def forward(self, x):
+        # The branch outputs are fresh arrays that nothing else holds: add in place.
+        h = self.attn.forward(self.ln_1.forward(x))
+        h += x  # Eq. (1)
+        z = self.mlp.forward(self.ln_2.forward(h))
+        z += h  # Eq. (1)
+        return z
+
+    def backward(self, dz):
+        dh = self.ln_2.backward(self.mlp.backward(dz))
+        dh += dz  # Eq. (2): branch + identity path
+        dx = self.ln_1.backward(self.attn.backward(dh))
+        dx += dh  # Eq. (2)
+        return dx
 
 
 class GPT(Module):

@@ -11,8 +11,16 @@ from pathlib import Path
 import numpy
 
 from mnn.backend import asarray, xp
-from mnn.data import CharTokenizer, load_text, random_windows, split_train_val, tiny_shakespeare_path
-from mnn.checkpoint import (
+from mnn.data import (
+    CharTokenizer,
+    load_text,
+    random_windows,
+    split_train_val,
+    tiny_shakespeare_path,
+)
+from mnn.errors import CheckpointError, DataError, TrainingError
+from mnn.io import load_model, save_model
+from mnn.io.checkpoint import (
     CHECKPOINT_NAME,
     WEIGHTS_NAME,
     finite_or_none,
@@ -22,14 +30,19 @@ from mnn.checkpoint import (
     save_checkpoint,
     weights_finite,
 )
-from mnn.errors import CheckpointError, DataError, TrainingError
-from mnn.gpt import GPT, GPTConfig
-from mnn.io import load_model, save_model
 from mnn.losses import CrossEntropyLoss
+from mnn.models.gpt import GPT, GPTConfig
 from mnn.optim import AdamW, clip_grad_norm, param_groups
+from mnn.optim.schedules import WarmupCosine
 from mnn.parallel import DataParallel
-from mnn.schedules import WarmupCosine
-from mnn.training import History, StepTimer, StopRequest, log, progress_bar, resume_command
+from mnn.train.reporting import (
+    History,
+    StepTimer,
+    StopRequest,
+    log,
+    progress_bar,
+    resume_command,
+)
 
 
 @dataclass

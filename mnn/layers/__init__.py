@@ -1,0 +1,19 @@
+"""Every layer, by family as in ``torch.nn.modules``: ``from mnn.layers import Linear, GELU, LayerNorm``.
+
+Read them in this order: ``linear`` (the exemplar), ``activation``,
+``softmax``, ``dropout``, ``matmul``, ``embedding``, ``normalization``,
+``attention``. Each file holds a family's layers with their compiled loops
+(:mod:`mnn.jit`) beside them.
+"""
+
+from mnn.layers.activation import GELU, Log, ReLU, Sigmoid, Tanh
+from mnn.layers.attention import MultiHeadAttention
+from mnn.layers.dropout import Dropout
+from mnn.layers.embedding import Embedding
+from mnn.layers.linear import Linear
+from mnn.layers.matmul import MatrixProduct
+from mnn.layers.normalization import LayerNorm
+from mnn.layers.softmax import LogSoftmax, Softmax
+
+__all__ = ["Dropout", "Embedding", "GELU", "LayerNorm", "Linear", "Log", "LogSoftmax", "MatrixProduct",
+           "MultiHeadAttention", "ReLU", "Sigmoid", "Softmax", "Tanh"]

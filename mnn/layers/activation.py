@@ -1,0 +1,299 @@
+r"""Element-wise activations: ReLU, Sigmoid, Tanh, Log and GELU.
+
+Each has a diagonal Jacobian, so its vector-Jacobian product is an
+element-wise product with the local derivative; the docstrings derive it
+element by element (``\tag{n}`` / ``# Eq. (n)``). ReLU and GELU have compiled
+loops (:mod:`mnn.jit`) beside them, tested against the numpy path.
+"""
+
+from __future__ import annotations
+
+import math
+
+from mnn import jit
+from mnn.backend import xp
+from mnn.errors import InputError
+from mnn.module import Module, grad_enabled
+
+
+class ReLU(Module):
+    r"""Rectified linear unit, element-wise: $y = \max(x, 0)$.
+
+    Forward:
+
+    $$
+    y_i = \max(x_i, 0). \tag{1}
+    $$
+
+    Backward. Each output depends only on its own input, so the Jacobian is
+    diagonal:
+
+    $$
+    \frac{\partial y_i}{\partial x_j} = \delta_{ij}\, \mathbb{1}[x_i > 0], \qquad
+    J = \operatorname{diag}\big(\mathbb{1}[x > 0]\big),
+    $$
+
+    and the vector-Jacobian product is a mask on the upstream gradient $g$:
+
+    $$
+    \frac{\partial L}{\partial x} = J^\top g = g \odot \mathbb{1}[x > 0]. \tag{2}
+    $$
+
+    (At $x_i = 0$ the derivative is taken as 0, as PyTorch does.) With numba
+    (:mod:`mnn.jit`), (1) writes the mask and the output in one compiled pass
+    over the input, and (2) is one pass too (numpy: two each).
+
+    Cache: the boolean mask $\mathbb{1}[x > 0]$, one byte per element.
+    """
+
+    def forward(self, x):
+        if jit.usable(x):
+            y, mask = xp.empty(x.shape, dtype=x.dtype), xp.empty(x.shape, dtype=bool)
+            _relu_kernel(jit.flat(x), jit.flat(y), jit.flat(mask))  # Eq. (1)
+        else:
+            mask = x > 0
+            y = x * mask  # Eq. (1)
+        self.cache = mask
+        return y
+
+    def backward(self, dy):
+        mask = self.pop_cache()
+        if jit.usable(dy, mask) and dy.shape == mask.shape:
+            dx = xp.empty(dy.shape, dtype=dy.dtype)
+            _relu_backward_kernel(jit.flat(dy), jit.flat(mask), jit.flat(dx))  # Eq. (2)
+            return dx
+        return dy * mask  # Eq. (2)
+
+
+@jit.kernel
+def _relu_kernel(x, y, mask):
+    """ReLU Eq. (1) in one pass: the mask and ``y = x * mask`` (so NaN stays NaN and -x gives -0, as numpy's)."""
+    for i in range(x.size):
+        keep = x[i] > 0
+        mask[i] = keep
+        y[i] = x[i] * keep  # Eq. (1)
+
+
+@jit.kernel
+def _relu_backward_kernel(dy, mask, dx):
+    """ReLU Eq. (2) in one pass: ``dx = g * mask``."""
+    for i in range(dy.size):
+        dx[i] = dy[i] * mask[i]  # Eq. (2)
+
+
+class Sigmoid(Module):
+    r"""Logistic sigmoid, element-wise: $y = 1 / (1 + e^{-x})$.
+
+    Forward, computed as $\tfrac12(1 + \tanh(x/2))$, which is the same function
+    and never overflows:
+
+    $$
+    y_i = \sigma(x_i) = \frac{1}{1 + e^{-x_i}} = \tfrac{1}{2}\big(1 + \tanh(x_i / 2)\big). \tag{1}
+    $$
+
+    Backward. $\sigma'(x) = \sigma(x)\,(1 - \sigma(x))$, so the Jacobian is
+    diagonal, $J = \operatorname{diag}\big(y \odot (1 - y)\big)$, and
+
+    $$
+    \frac{\partial L}{\partial x} = g \odot y \odot (1 - y). \tag{2}
+    $$
+
+    Cache: the output $y$ (the derivative is a function of it alone).
+    """
+
+    def forward(self, x):
+        y = 0.5 * (1.0 + xp.tanh(0.5 * x))  # Eq. (1)
+        self.cache = y
+        return y
+
+    def backward(self, dy):
+        y = self.pop_cache()
+        return dy * y * (1.0 - y)  # Eq. (2)
+
+
+class Tanh(Module):
+    r"""Hyperbolic tangent, element-wise: $y = \tanh(x)$.
+
+    $$
+    y_i = \tanh(x_i) = \frac{e^{x_i} - e^{-x_i}}{e^{x_i} + e^{-x_i}}. \tag{1}
+    $$
+
+    Backward. $\tanh'(x) = 1 - \tanh^2(x)$; the Jacobian is
+    $J = \operatorname{diag}(1 - y \odot y)$ and
+
+    $$
+    \frac{\partial L}{\partial x} = g \odot (1 - y \odot y). \tag{2}
+    $$
+
+    Cache: the output $y$.
+    """
+
+    def forward(self, x):
+        y = xp.tanh(x)  # Eq. (1)
+        self.cache = y
+        return y
+
+    def backward(self, dy):
+        y = self.pop_cache()
+        return dy * (1.0 - y * y)  # Eq. (2)
+
+
+class Log(Module):
+    r"""Natural logarithm, element-wise: $y = \ln x$, defined for $x > 0$.
+
+    $$
+    y_i = \ln x_i. \tag{1}
+    $$
+
+    Backward. $\partial y_i / \partial x_j = \delta_{ij} / x_i$, so
+    $J = \operatorname{diag}(1/x)$ and
+
+    $$
+    \frac{\partial L}{\partial x} = g \oslash x \quad\text{(element-wise division)}. \tag{2}
+    $$
+
+    Cache: the input $x$. An input with a zero or negative entry is refused
+    (its logarithm is $-\infty$ or NaN, which would poison training silently).
+    """
+
+    def forward(self, x):
+        if not bool(xp.all(x > 0)):
+            raise InputError(f"{self!r}: input must be positive; got min {float(xp.min(x))}")
+        self.cache = x
+        return xp.log(x)  # Eq. (1)
+
+    def backward(self, dy):
+        x = self.pop_cache()
+        return dy / x  # Eq. (2)
+
+
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_CUBIC = 0.044715
+
+
+class GELU(Module):
+    r"""Gaussian error linear unit in GPT-2's tanh form (PyTorch ``approximate='tanh'``), element-wise.
+
+    Forward, with the gate $a$:
+
+    $$
+    u = \sqrt{2/\pi}\,\big(x + 0.044715\, x^3\big), \qquad
+    a = \tfrac{1}{2}\big(1 + \tanh u\big), \qquad
+    y = x\, a. \tag{1}
+    $$
+
+    Backward. Each output depends on its own input only, so the Jacobian is
+    diagonal, $J = \operatorname{diag}(y'(x))$, with (product rule, and
+    $\tanh' = 1 - \tanh^2$)
+
+    $$
+    y'(x) = \tfrac{1}{2}\big(1 + \tanh u\big)
+    + \tfrac{1}{2}\, x\, \big(1 - \tanh^2 u\big)\, \sqrt{2/\pi}\,\big(1 + 3 \cdot 0.044715\, x^2\big).
+    $$
+
+    Since $\tanh u = 2a - 1$, $1 - \tanh^2 u = 4a(1 - a)$, and in terms of the gate
+
+    $$
+    y'(x) = a + 2 \sqrt{2/\pi}\; x \big(1 + 3 \cdot 0.044715\, x^2\big)\, a\, (1 - a). \tag{2}
+    $$
+
+    The vector-Jacobian product is one element-wise product:
+
+    $$
+    \frac{\partial L}{\partial x} = J^\top g = g \odot y'(x). \tag{3}
+    $$
+
+    Cache (none under :func:`mnn.no_grad`): the input $x$ and
+    the gate $a$ (one extra array, which saves
+    recomputing ``tanh``, the most expensive operation here, in backward; with
+    $a$ rather than $\tanh u$, Eq. 2 takes three fewer passes than the tanh form).
+
+    With numba installed (:mod:`mnn.jit`), forward is three passes instead of
+    eight (a compiled loop for $u$, numpy's vectorised ``tanh``, a compiled
+    loop for $a$ and $y$) and backward one compiled loop for (2)-(3) instead
+    of nine numpy passes.
+    """
+
+    def forward(self, x):
+        if jit.usable(x):
+            return self._forward_compiled(x)
+        u = x * x
+        u *= _GELU_CUBIC * _SQRT_2_OVER_PI
+        u += _SQRT_2_OVER_PI
+        u *= x  # Eq. (1): u = sqrt(2/pi) x (1 + 0.044715 x^2)
+        gate = xp.tanh(u, out=u)
+        gate += 1.0
+        gate *= 0.5  # Eq. (1): a = (1 + tanh u) / 2
+        if not grad_enabled():  # nothing to keep for a backward: the output takes the gate's memory
+            gate *= x  # Eq. (1)
+            return gate
+        self.cache = (x, gate)
+        return x * gate  # Eq. (1)
+
+    def backward(self, dy):
+        x, gate = self.pop_cache()
+        if jit.usable(x, gate, dy):
+            dx = xp.empty_like(dy)
+            real = x.dtype.type
+            _gelu_backward_kernel(jit.flat(x), jit.flat(gate), jit.flat(dy), jit.flat(dx), real(1.0),
+                                  real(2.0 * _SQRT_2_OVER_PI), real(6.0 * _GELU_CUBIC * _SQRT_2_OVER_PI))
+            return dx
+        slope = x * x
+        slope *= 6.0 * _GELU_CUBIC * _SQRT_2_OVER_PI
+        slope += 2.0 * _SQRT_2_OVER_PI
+        slope *= x  # Eq. (2): 2 sqrt(2/pi) x (1 + 3c x^2)
+        slope *= gate
+        slope *= 1.0 - gate  # Eq. (2): times a (1 - a)
+        slope += gate  # Eq. (2)
+        slope *= dy  # Eq. (3)
+        return slope
+
+    def _forward_compiled(self, x):
+        """Eq. (1) in three passes (compiled, numpy's ``tanh``, compiled) instead of eight."""
+        real = x.dtype.type
+        u = xp.empty_like(x)
+        _gelu_argument_kernel(jit.flat(x), jit.flat(u), real(_SQRT_2_OVER_PI), real(_GELU_CUBIC * _SQRT_2_OVER_PI))
+        gate = xp.tanh(u, out=u)  # Eq. (1): tanh u
+        if not grad_enabled():  # nothing to keep for a backward: the output takes the gate's memory
+            _gelu_output_kernel(jit.flat(x), jit.flat(gate), real(0.5))
+            return gate
+        y = xp.empty_like(x)
+        _gelu_gate_kernel(jit.flat(x), jit.flat(gate), jit.flat(y), real(0.5))
+        self.cache = (x, gate)
+        return y
+
+
+@jit.kernel
+def _gelu_argument_kernel(x, u, s, sc):
+    """GELU Eq. (1): ``u = sqrt(2/pi) (x + 0.044715 x^3)`` as ``(x^2 (0.044715 s) + s) x``, ``s`` = sqrt(2/pi)."""
+    for i in range(x.size):
+        xi = x[i]
+        u[i] = (xi * xi * sc + s) * xi  # Eq. (1)
+
+
+@jit.kernel
+def _gelu_gate_kernel(x, gate, y, half):
+    """GELU Eq. (1): ``gate`` holds ``tanh u`` on entry and the gate ``a`` on return; ``y = x a``."""
+    for i in range(x.size):
+        a = gate[i] * half + half  # Eq. (1): a = (1 + tanh u) / 2
+        gate[i] = a
+        y[i] = x[i] * a  # Eq. (1)
+
+
+@jit.kernel
+def _gelu_output_kernel(x, gate, half):
+    """GELU Eq. (1) under no_grad: ``gate`` holds ``tanh u`` on entry and ``y = x a`` on return."""
+    for i in range(x.size):
+        gate[i] = x[i] * (gate[i] * half + half)  # Eq. (1)
+
+
+@jit.kernel
+def _gelu_backward_kernel(x, gate, dy, dx, one, s2, s6c):
+    """GELU Eqs. (2)-(3): ``dx = dy (a + 2 s x (1 + 3c x^2) a (1 - a))``, ``s2`` = 2s, ``s6c`` = 6cs."""
+    for i in range(x.size):
+        xi = x[i]
+        a = gate[i]
+        slope = (xi * xi * s6c + s2) * xi * a * (one - a) + a  # Eq. (2)
+        dx[i] = slope * dy[i]  # Eq. (3)

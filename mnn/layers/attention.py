@@ -1,0 +1,212 @@
+r"""Multi-head (causal) self-attention: scores, mask, softmax over keys, and the backward through all of it.
+
+Shapes follow llm.c: ``B`` batch, ``T`` time (tokens), ``C`` channels,
+``NH`` heads, ``hs = C / NH`` head size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy
+
+from mnn.backend import default_dtype, xp
+from mnn.layers.dropout import Dropout
+from mnn.layers.linear import Linear
+from mnn.layers.matmul import MatrixProduct
+from mnn.layers.softmax import Softmax
+from mnn.module import Module, check_input, no_grad
+
+
+class MultiHeadAttention(Module):
+    r"""Multi-head (causal) self-attention, nanoGPT's ``CausalSelfAttention``.
+
+    Forward, for one sequence $X \in \mathbb{R}^{T \times C}$ (the batch and the
+    $NH$ heads are independent, so every step below is one batched operation
+    over ``(B, NH)``; no loop over heads or tokens):
+
+    $$
+    [\,Q_{\text{all}} \;\; K_{\text{all}} \;\; V_{\text{all}}\,] = X W_{\text{attn}}^\top + b_{\text{attn}}
+    \quad (\mathtt{c\_attn},\ C \to 3C), \tag{1}
+    $$
+
+    and head $h$ takes columns $h\,hs, \dots, (h+1)\,hs - 1$ of each, giving
+    $Q, K, V \in \mathbb{R}^{T \times hs}$, $hs = C / NH$. With $s = 1/\sqrt{hs}$:
+
+    $$
+    S = (s\, Q)\, K^\top, \qquad
+    \tilde S_{ij} = \begin{cases} S_{ij} & j \le i \\ -\infty & j > i \ \text{(causal only)} \end{cases} \tag{2}
+    $$
+
+    $$
+    P = \operatorname{softmax}_{\text{rows}}(\tilde S), \qquad A = \operatorname{dropout}(P), \qquad Y = A\, V, \tag{3}
+    $$
+
+    then the heads are laid side by side again, $Y_{\text{all}} \in \mathbb{R}^{T \times C}$,
+    and projected: $\text{out} = \operatorname{dropout}(Y_{\text{all}} W_{\text{proj}}^\top + b_{\text{proj}})$
+    (``c_proj``). Scaling $Q$ ($T \cdot hs$ numbers) instead of $S$ ($T^2$)
+    is the same product with less work. A $-\infty$ score becomes a
+    probability of exactly 0, so position $i$ never sees a later token.
+
+    Backward. The two matrix products are :class:`~mnn.layers.MatrixProduct`
+    layers, whose derivation gives (element partials
+    $\partial Y_{ia} / \partial A_{ij} = V_{ja}$ and
+    $\partial Y_{ia} / \partial V_{jb} = A_{ij}\,\delta_{ab}$, Jacobians
+    $I_T \otimes V^\top$ and $A \otimes I_{hs}$), for $G = \partial L / \partial Y$:
+
+    $$
+    \frac{\partial L}{\partial A} = G\, V^\top, \qquad \frac{\partial L}{\partial V} = A^\top G. \tag{4}
+    $$
+
+    Dropout multiplies by its mask, and the softmax (Jacobian
+    $\operatorname{diag}(p) - p\,p^\top$ per row) gives, with $\bar P = \partial L / \partial P$,
+
+    $$
+    \frac{\partial L}{\partial \tilde S} = P \odot \Big(\bar P - \big(\textstyle\sum_j \bar P_{ij} P_{ij}\big)_i\Big). \tag{5}
+    $$
+
+    The mask adds a constant, so $\partial \tilde S / \partial S = I$: the
+    gradient passes through unchanged, and it is already 0 at every masked
+    entry because $P_{ij} = 0$ there. Writing $\bar S = \partial L / \partial S$,
+    the score partials
+
+    $$
+    \frac{\partial S_{ij}}{\partial Q_{ia}} = s\, K_{ja}, \qquad
+    \frac{\partial S_{ij}}{\partial K_{la}} = s\, \delta_{jl}\, Q_{ia}
+    $$
+
+    (Jacobians $s\,(I_T \otimes K)$ and $s\,(Q \otimes I_T)$ composed with the
+    transpose) contract to
+
+    $$
+    \frac{\partial L}{\partial Q} = s\, \bar S\, K, \qquad
+    \frac{\partial L}{\partial K} = s\, \bar S^\top Q. \tag{6}
+    $$
+
+    ``MatrixProduct`` returns $\bar S K$ and $(sQ)^\top \bar S$, the gradients
+    with respect to its inputs $sQ$ and $K^\top$; one more factor $s$ and one
+    transpose give (6). Splitting and merging heads only permute elements (a
+    permutation-matrix Jacobian $\Pi$), so their vector-Jacobian product
+    $\Pi^\top g$ is the inverse permutation: the three head gradients are
+    written back side by side into one ``(B, T, 3C)`` array for ``c_attn``.
+
+    Args:
+        n_embd: $C$.
+        n_head: $NH$; must divide $C$.
+        causal: mask out later positions (GPT); ``False`` for full attention.
+        dropout: probability for the attention-weights and the output dropout.
+        bias: biases in ``c_attn`` and ``c_proj``.
+        rng: a ``numpy.random.Generator`` for the initialisation and dropout masks.
+
+    Cache: only $(B, T)$ here; each sub-layer keeps its own: ``c_attn`` its
+    input, the two products their factors ($sQ$, $K^\top$ and $A$, $V$, views
+    into one buffer), the softmax $P$, dropout its mask, ``c_proj`` $Y_{\text{all}}$.
+    """
+
+    def __init__(self, n_embd: int, n_head: int, causal: bool = True, dropout: float = 0.0,
+                 bias: bool = True, rng: numpy.random.Generator | None = None, dtype=None) -> None:
+        super().__init__()
+        if n_embd % n_head != 0:
+            raise ValueError(f"MultiHeadAttention: n_embd {n_embd} is not divisible by n_head {n_head}")
+        rng = rng if rng is not None else numpy.random.default_rng()
+        self.n_embd, self.n_head, self.causal, self.dropout = n_embd, n_head, causal, dropout
+        self.head_size = n_embd // n_head
+        self.scale = 1.0 / math.sqrt(self.head_size)
+        self.c_attn = Linear(n_embd, 3 * n_embd, bias=bias, rng=rng, dtype=dtype)
+        self.scores = MatrixProduct()
+        self.softmax = Softmax(axis=-1)
+        self.attn_dropout = Dropout(dropout, rng=rng)
+        self.weighted_sum = MatrixProduct()
+        self.c_proj = Linear(n_embd, n_embd, bias=bias, rng=rng, dtype=dtype)
+        self.resid_dropout = Dropout(dropout, rng=rng)
+        self._masks: dict = {}
+
+    def causal_mask(self, T: int, T_keys: int | None = None, dtype=None):
+        r"""The additive mask ``(T, T_keys)``: 0 where query $i$ may see key $j$, $-\infty$ where not.
+
+        Queries are the last ``T`` of ``T_keys`` positions (``T_keys > T`` when
+        earlier keys come from a key/value cache), so query $i$ sees keys
+        $j \le i + T_{\text{keys}} - T$: rows ``T_keys - T .. T_keys - 1`` of the
+        square causal mask. One square mask per dtype is kept (grown when a
+        longer sequence arrives) and sliced, a view.
+        """
+        T_keys = T if T_keys is None else T_keys
+        dtype = numpy.dtype(dtype or default_dtype())
+        square = self._masks.get(dtype.name)
+        if square is None or square.shape[0] < T_keys:
+            square = xp.triu(xp.full((T_keys, T_keys), -xp.inf, dtype=dtype), k=1)
+            self._masks[dtype.name] = square
+        return square[T_keys - T:T_keys, :T_keys]
+
+    @staticmethod
+    def own_scores(scores):
+        """Each query's score against its own key, ``(..., T, 1)``: the softmax shift (never masked)."""
+        T, T_keys = scores.shape[-2:]
+        return xp.diagonal(scores, offset=T_keys - T, axis1=-2, axis2=-1)[..., None].copy()
+
+    def merge_view(self, y_all):
+        """``(B, T, C)`` seen as ``(B, NH, T, hs)``: head ``h`` is columns ``h hs .. (h+1) hs - 1`` (a view)."""
+        B, T, _ = y_all.shape
+        return y_all.reshape(B, T, self.n_head, self.head_size).transpose(0, 2, 1, 3)
+
+    def split_heads(self, qkv, B: int, T: int):
+        """``(B*T, 3C)`` -> three views ``(B, NH, T, hs)`` (strided, no copy)."""
+        return qkv.reshape(B, T, 3, self.n_head, self.head_size).transpose(2, 0, 3, 1, 4)
+
+    def forward(self, x):
+        check_input(self, x, last_dim=self.n_embd, ndim=3)
+        B, T, C = x.shape
+        qkv = self.c_attn.forward(x.reshape(B * T, C))  # Eq. (1)
+        q, k, v = self.split_heads(qkv, B, T)
+        q *= self.scale  # Eq. (2): s Q, in place in c_attn's fresh output (c_attn keeps its input, not this)
+        scores = self.scores.forward(q, xp.swapaxes(k, -1, -2))  # Eq. (2): S = (sQ) K^T
+        mask = self.causal_mask(T, dtype=scores.dtype) if self.causal else None  # Eq. (2): -inf above the diagonal
+        probs = self.softmax.forward(scores, mask, self.own_scores(scores), out=scores)  # Eq. (3), in place
+        probs = self.attn_dropout.forward(probs)  # Eq. (3)
+        y = xp.empty((B, T, C), dtype=probs.dtype)  # the heads side by side: Y_all
+        self.weighted_sum.forward(probs, v, out=self.merge_view(y))  # Eq. (3): Y = A V, written merged
+        out = self.resid_dropout.forward(self.c_proj.forward(y.reshape(B * T, C)))
+        self.cache = (B, T)
+        return out.reshape(B, T, C)
+
+    def backward(self, dy):
+        B, T = self.pop_cache()
+        C, NH, hs = self.n_embd, self.n_head, self.head_size
+        dy = self.c_proj.backward(self.resid_dropout.backward(dy.reshape(B * T, C)))
+        dy = self.merge_view(dy.reshape(B, T, C))  # un-merge heads: a strided view
+        dprobs, dv = self.weighted_sum.backward(dy)  # Eq. (4)
+        dscores = self.softmax.backward(self.attn_dropout.backward(dprobs))  # Eq. (5)
+        dq_scaled, dk_transposed = self.scores.backward(dscores)  # Eq. (6) before the factor s
+        dqkv = xp.empty((B, T, 3, NH, hs), dtype=dy.dtype)
+        dq, dk, dv_slot = self.split_heads(dqkv, B, T)
+        xp.multiply(dq_scaled, self.scale, out=dq)  # Eq. (6): dQ = s (dS K)
+        dk[...] = xp.swapaxes(dk_transposed, -1, -2)  # Eq. (6): dK = s dS^T Q (s is inside sQ)
+        dv_slot[...] = dv  # Eq. (4)
+        return self.c_attn.backward(dqkv.reshape(B * T, 3 * C)).reshape(B, T, C)
+
+    @no_grad()
+    def forward_cached(self, x, past=None):
+        r"""Inference-only attention of new tokens over cached and new keys: ``(out, (K, V))``.
+
+        ``x (B, T_new, C)`` holds the new positions; ``past`` is ``(K, V)``, each
+        ``(B, NH, T_past, hs)``, from earlier calls (or ``None``). The new keys and
+        values are appended, and the queries attend over all $T_{\text{past}} + T_{\text{new}}$
+        keys with the causal mask shifted by $T_{\text{past}}$: the same rows the
+        full forward computes. No dropout and nothing cached for backward.
+        """
+        check_input(self, x, last_dim=self.n_embd, ndim=3)
+        B, T, C = x.shape
+        q, k, v = self.split_heads(self.c_attn.forward(x.reshape(B * T, C)), B, T)  # Eq. (1)
+        if past is not None:
+            k = xp.concatenate((past[0], k), axis=2)
+            v = xp.concatenate((past[1], v), axis=2)
+        scores = (q * self.scale) @ xp.swapaxes(k, -1, -2)  # Eq. (2)
+        mask = self.causal_mask(T, k.shape[2], dtype=scores.dtype) if self.causal else None  # Eq. (2)
+        probs = self.softmax.forward(scores, mask, self.own_scores(scores), out=scores)  # Eq. (3)
+        y = xp.empty((B, T, C), dtype=probs.dtype)
+        xp.matmul(probs, v, out=self.merge_view(y))  # Eq. (3), heads merged
+        out = self.c_proj.forward(y.reshape(B * T, C))
+        return out.reshape(B, T, C), (k, v)
+
+    def extra_repr(self) -> str:
+        return f"n_embd={self.n_embd}, n_head={self.n_head}, causal={self.causal}, dropout={self.dropout}"

@@ -1,0 +1,105 @@
+r"""Linear: the affine map $y = x W^\top + b$, the exemplar every other layer follows."""
+
+from __future__ import annotations
+
+import math
+
+import numpy
+
+from mnn.backend import default_dtype, xp
+from mnn.module import Module, check_input
+
+
+class Linear(Module):
+    r"""Affine map $y = x W^\top + b$, the weight stored ``(out_features, in_features)`` as in PyTorch.
+
+    Forward, for one row $x \in \mathbb{R}^{n}$ of the input and $W \in \mathbb{R}^{m \times n}$:
+
+    $$
+    y_i = \sum_{j=1}^{n} W_{ij}\, x_j + b_i, \qquad i = 1, \dots, m. \tag{1}
+    $$
+
+    Any leading dimensions are flattened into one batch of $N$ rows, so the
+    whole layer is one matrix product $Y = X W^\top + \mathbf{1} b^\top$.
+
+    Backward. The partial derivatives of (1) are
+
+    $$
+    \frac{\partial y_i}{\partial x_j} = W_{ij}, \qquad
+    \frac{\partial y_i}{\partial W_{kl}} = \delta_{ik}\, x_l, \qquad
+    \frac{\partial y_i}{\partial b_k} = \delta_{ik},
+    $$
+
+    so the Jacobian with respect to the input is the weight itself,
+    $J = \partial y / \partial x = W$. Given the upstream gradient
+    $g = \partial L / \partial y$, the chain rule $\partial L/\partial x = J^\top g$
+    collapses, for all $N$ rows at once, to three matrix products:
+
+    $$
+    \frac{\partial L}{\partial X} = G\, W \tag{2}
+    $$
+
+    $$
+    \frac{\partial L}{\partial W} = G^\top X \tag{3}
+    $$
+
+    $$
+    \frac{\partial L}{\partial b} = \sum_{r=1}^{N} G_{r,:} \tag{4}
+    $$
+
+    where $G \in \mathbb{R}^{N \times m}$ stacks the rows $g^\top$ and
+    $X \in \mathbb{R}^{N \times n}$ the inputs. (3) and (4) sum over the batch:
+    every row used the same $W$ and $b$. The code computes (4) as the product
+    $\mathbf{1}^\top G$ with a vector of $N$ ones: a BLAS matrix-vector
+    product, 2-4 times faster than numpy's column sum (measured on GPT shapes).
+
+    A first layer fed with data needs no $\partial L / \partial X$: nothing
+    upstream uses it. ``input_grad=False`` skips (2), a third of the layer's
+    backward work (PyTorch's autograd skips it for inputs without
+    ``requires_grad``), and ``backward`` returns ``None``.
+
+    Args:
+        in_features: $n$, the size of each input row.
+        out_features: $m$, the size of each output row.
+        bias: whether to add $b$.
+        rng: a ``numpy.random.Generator`` for the initialisation.
+        input_grad: whether ``backward`` computes and returns $\partial L / \partial X$.
+
+    Parameters are initialised as in PyTorch: $U(-1/\sqrt{n}, 1/\sqrt{n})$.
+    Cache: the input $X$ (needed by Eq. 3).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 rng: numpy.random.Generator | None = None, dtype=None, input_grad: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.input_grad = bool(input_grad)
+        rng = rng if rng is not None else numpy.random.default_rng()
+        dtype = dtype or default_dtype()
+        bound = 1.0 / math.sqrt(in_features)
+        self.add_parameter("weight", xp.asarray(rng.uniform(-bound, bound, (out_features, in_features)), dtype=dtype))
+        if bias:
+            self.add_parameter("bias", xp.asarray(rng.uniform(-bound, bound, out_features), dtype=dtype))
+
+    def forward(self, x):
+        check_input(self, x, last_dim=self.in_features)
+        self.cache = x
+        y = x @ self.params["weight"].T  # Eq. (1)
+        if "bias" in self.params:
+            y += self.params["bias"]  # Eq. (1)
+        return y
+
+    def backward(self, dy):
+        x = self.pop_cache()
+        x2 = x.reshape(-1, self.in_features)
+        dy2 = dy.reshape(-1, self.out_features)
+        self.grads["weight"] += dy2.T @ x2  # Eq. (3)
+        if "bias" in self.params:
+            self.grads["bias"] += xp.ones(dy2.shape[0], dtype=dy2.dtype) @ dy2  # Eq. (4): 1^T G
+        if not self.input_grad:
+            return None
+        return dy @ self.params["weight"]  # Eq. (2)
+
+    def extra_repr(self) -> str:
+        skip = "" if self.input_grad else ", input_grad=False"
+        return f"{self.in_features}, {self.out_features}, bias={'bias' in self.params}{skip}"
