@@ -49,7 +49,7 @@ docs: $(VENV)/.installed-docs docs-tools
 	$(PY) tools/build_docs.py --site-dir site
 
 docs-screenshot: docs                     ## docs/img/MatrixProduct.png, to look at the rendered matrices
-	$(PY) tools/render_check.py site --screenshot api/MatrixProduct/ docs/img/MatrixProduct.png
+	$(PY) tools/render_check.py site --screenshot api/MatrixProduct.html docs/img/MatrixProduct.png
 
 # What tests/test_docs.py needs beyond Python: KaTeX and MathJax from npm
 # (package-lock.json), and Debian's chromium for the rendering checks.

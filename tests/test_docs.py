@@ -7,7 +7,11 @@ r"""The documentation: every formula compiles, every page renders, the reference
   ``merror``, no red unknown macro and no raw ``$`` left in the text;
 * the committed ``docs/api`` (and the other generated pages) equal a fresh
   generation; ``docs/gradcheck.json`` is re-measured, every error <= 1e-7;
-* a screenshot of the MatrixProduct page (its matrices) is taken.
+* a screenshot of the MatrixProduct page (its matrices) is taken;
+* the site browses from disk: every internal link of the built HTML reaches a
+  file (never a folder), and Chromium follows links from ``file://.../index.html``;
+* every generated page closes its code spans, and its "defined at" links name
+  a line of a file that exists.
 
 Needs ``npm ci`` (KaTeX, MathJax) and Debian's ``chromium``: ``make test``
 installs both.
@@ -15,6 +19,7 @@ installs both.
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -22,6 +27,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -34,22 +40,15 @@ import gradcheck_report  # noqa: E402
 import render_check  # noqa: E402
 
 FILES, FORMULAS = api_docs.generate(ROOT)
-CLASSES = api_docs.public_classes(api_docs.load_package(ROOT))
+OBJECTS = api_docs.public_objects(api_docs.load_package(ROOT))
+CLASSES = [d for d in OBJECTS if d.kind == "class"]
 NODE_MODULES = ROOT / "node_modules"
 
 
 def _site_pages() -> list[str]:
-    """URL path of every page the site should have: each Markdown file of docs/."""
-    pages = []
-    for path in sorted((ROOT / "docs").rglob("*.md")):
-        relative = path.relative_to(ROOT / "docs").with_suffix("").as_posix()
-        if relative == "index":
-            pages.append("")
-        elif relative.endswith("/index"):
-            pages.append(relative[: -len("index")])
-        else:
-            pages.append(relative + "/")
-    return pages
+    """Path of every page the site should have: each Markdown file of docs/, as ``.html`` (no folder URLs)."""
+    return [path.relative_to(ROOT / "docs").with_suffix(".html").as_posix()
+            for path in sorted((ROOT / "docs").rglob("*.md"))]
 
 
 PAGES = _site_pages()
@@ -100,8 +99,8 @@ def test_katex_check_rejects_broken_formulas():
 
 
 def test_every_public_class_has_a_page_and_formulas_are_found():
-    assert {f"api/{c.page}.md" for c in CLASSES} <= set(FILES)
-    linear = [c for c in CLASSES if c.key == "layers.Linear"]
+    assert {f"api/{c.page}.md" for c in OBJECTS} <= set(FILES)
+    linear = [c for c in CLASSES if c.key == "layers.linear.Linear"]
     assert linear and len(FORMULAS[linear[0].page]) > 10  # the exemplar's math is all picked up
 
 
@@ -129,6 +128,12 @@ def test_convert_math_for_github():
     assert [(f.tex, f.display) for f in formulas] == [
         (r"y = x W^\top", False), ("a + b", False),
         (r"\begin{pmatrix} a \\ b \end{pmatrix} \tag{1}", True), ("z = 1", True)]
+
+
+def test_convert_separates_a_list_from_the_line_above():
+    """GitHub starts a list right under a line of text; Python-Markdown (the site) needs a blank line."""
+    markdown, _ = api_docs.convert("The checks:\n* one $x$\n* two\n\n- alone")
+    assert markdown == "The checks:\n\n* one $`x`$\n* two\n\n- alone"
 
 
 def test_convert_refuses_an_unclosed_display_block():
@@ -180,7 +185,7 @@ def test_gradcheck_report_is_current_and_within_tolerance():
 
 def test_every_layer_and_loss_has_a_gradcheck_case():
     missing = [c.key for c in CLASSES
-               if c.is_module_subclass and c.module in api_docs.GRADCHECKED_MODULES
+               if c.is_module_subclass and api_docs.is_gradchecked(c.module)
                and c.key not in gradcheck_report.CASES]
     assert not missing, f"add a case to tools/gradcheck_report.py for: {', '.join(missing)}"
 
@@ -227,8 +232,8 @@ def test_site_has_every_page(site):
 def test_page_renders_every_formula(page, rendered):
     result = rendered[page]
     assert not render_check.problems(result), f"/{page}:\n" + "\n".join(render_check.problems(result))
-    if page.startswith("api/") and page != "api/":
-        source = FORMULAS.get(page[len("api/"):-1], [])
+    if page.startswith("api/") and page != "api/index.html":
+        source = FORMULAS.get(page[len("api/"):-len(".html")], [])
         assert result["formulas"] == len(source), "the site shows another number of formulas than the docstrings hold"
 
 
@@ -285,13 +290,103 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def test_matrix_product_page_screenshot(site, base_url, browser, tmp_path):
-    page = next((c.page for c in CLASSES if c.key == "layers.MatrixProduct"), None)
+    page = next((c.page for c in CLASSES if c.key == "layers.matmul.MatrixProduct"), None)
     if page is None:
         pytest.skip("mnn.layers.MatrixProduct does not exist yet")
-    png = browser.screenshot(f"{base_url}api/{page}/", tmp_path / "MatrixProduct.png")
+    png = browser.screenshot(f"{base_url}api/{page}.html", tmp_path / "MatrixProduct.png")
     width, height = _png_size(png)
     assert width > 600 and height > 800, (width, height)
-    result = browser.check_page(f"{base_url}api/{page}/")
+    result = browser.check_page(f"{base_url}api/{page}.html")
     matrices = browser.evaluate(
         "Array.from(MathJax.startup.document.math).filter(m => m.math.includes('pmatrix')).length")
     assert matrices >= 1 and not render_check.problems(result)
+
+
+# --------------------------------------------------------------------------
+# (e) the reference covers the whole package, and its pages are well formed
+# --------------------------------------------------------------------------
+def test_io_data_and_training_modules_have_pages():
+    pages = {d.key: d.page for d in OBJECTS}
+    for key in ("io.weights.save_model", "io.weights.load_model", "io.interop.export_gpt", "io.interop.import_gpt",
+                "io.checkpoint.save_checkpoint", "io.safetensors.read_tensors", "data.text.CharTokenizer",
+                "data.vision.load_vision_dataset", "models.mlp.MLP", "models.gpt.MLP", "models.gpt.Block"):
+        assert f"api/{pages[key]}.md" in FILES, key
+    assert pages["models.mlp.MLP"] != pages["models.gpt.MLP"]
+    modules = {key for key, _ in api_docs.documented_modules(api_docs.load_package(ROOT))}
+    train = {p.stem for p in (ROOT / "mnn" / "train").glob("*.py") if not p.stem.startswith("_")}
+    assert {f"train.{name}" for name in train} <= modules, "every module of mnn/train/ is documented"
+
+
+def test_unbalanced_backticks_are_caught():
+    from docstring_markdown import unbalanced_backticks
+
+    garbled = '- ```{name`: relative error}`` for each floating input (``"input0"``, ...)'
+    assert unbalanced_backticks(garbled) and unbalanced_backticks('- ``[{"params"`: decayed')
+    assert not unbalanced_backticks('- ``{name: error}`` for $`x`$, ```` ```math ```` fences\n\n```python\nx = "`"\n```')
+
+
+@pytest.mark.parametrize("path", sorted(FILES))
+def test_generated_page_closes_every_code_span(path):
+    from docstring_markdown import unbalanced_backticks
+
+    bad = unbalanced_backticks(FILES[path])
+    assert not bad, f"docs/{path}: a backtick run that nothing closes in:\n" + "\n---\n".join(bad)
+
+
+def test_defined_at_links_name_a_line_of_an_existing_file():
+    links = [(path, target, int(line)) for path, text in FILES.items()
+             for target, line in re.findall(r"\]\(((?:\.\./)+[\w./]+\.py)#L(\d+)\)", text)]
+    assert len(links) > 100
+    for path, target, line in links:
+        file = (ROOT / "docs" / path).parent / target
+        assert file.resolve().is_file(), f"docs/{path} links {target}, which does not exist"
+        assert line <= len(file.read_text().splitlines()), f"docs/{path}: {target} has no line {line}"
+
+
+def test_import_mnn_gives_its_subpackages():
+    code = "import mnn; print(mnn.io.save_model.__module__, mnn.data.CharTokenizer.__name__, mnn.layers.Linear.__name__)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["mnn.io.weights", "CharTokenizer", "Linear"]
+
+
+# --------------------------------------------------------------------------
+# (f) the built site browses from disk
+# --------------------------------------------------------------------------
+def test_every_internal_link_reaches_a_file(site):
+    """Every href/src of the built HTML names a file of the site (a folder would list its files from file://)."""
+    broken, checked = [], 0
+    for page in sorted(site.rglob("*.html")):
+        for url in re.findall(r'\b(?:href|src)="([^"]*)"', page.read_text()):
+            parts = urlsplit(html.unescape(url))
+            if parts.scheme or parts.netloc or not parts.path:
+                continue  # outside (checked by test_site_references_nothing_outside) or an anchor on this page
+            # Root-relative links appear only in 404.html, which a server shows at any depth.
+            target = (site / parts.path.lstrip("/")) if parts.path.startswith("/") else page.parent / parts.path
+            target = Path(unquote(str(target)))
+            checked += 1
+            if not target.is_file():
+                broken.append(f"{page.relative_to(site)}: {url}")
+            elif parts.fragment.startswith("L") and target.suffix == ".html" and \
+                    f'id="{parts.fragment}"' not in target.read_text():
+                broken.append(f"{page.relative_to(site)}: {url} (no such line)")
+    assert checked > 1000
+    assert not broken, f"{len(broken)} links reach no file:\n" + "\n".join(broken[:30])
+
+
+def test_site_follows_links_from_disk(site, browser):
+    """From file://.../index.html, Chromium reaches the API pages and a source line, never a folder listing."""
+    def follow(selector: str) -> str:
+        url = browser.evaluate(f"document.querySelector({json.dumps(selector)}).href")
+        browser.open(url)
+        return url
+
+    browser.open((site / "index.html").as_uri())
+    follow('a[href$="api/index.html"]')
+    assert "API reference" in browser.evaluate("document.querySelector('article').textContent")
+    follow('article a[href$="Linear.html"]')
+    assert browser.evaluate("document.querySelector('h1').textContent").startswith("Linear")
+    url = follow('article a[href*="source/mnn/layers/linear.py.html#L"]')
+    line = urlsplit(url).fragment
+    assert browser.evaluate(f"document.getElementById({json.dumps(line)}).textContent").strip()
+    assert "Index of" not in browser.evaluate("document.title")

@@ -1,9 +1,10 @@
 r"""Write mnn's API reference as Markdown that renders both on GitHub and in the MkDocs site.
 
-One page per public class of the mnn modules (``docs/api/<Class>.md``), an index
-(``docs/api/index.md``), the learning path, and the benchmark
-pages, all generated from the docstrings (read by griffe, never by parsing
-Python by hand) and from ``docs/gradcheck.json`` / ``benchmarks/results.json``.
+One page per public class and per public function of every documented module
+(``docs/api/<name>.md``, see ``tools/api_discovery.py`` for which and in what
+order), an index (``docs/api/index.md``, one section per module), the learning
+path, and the benchmark page, all generated from the docstrings (read by
+griffe) and from ``docs/gradcheck.json`` / ``benchmarks/results.json``.
 
 Math: docstrings write ``$...$`` inline and ``$$`` display blocks on lines of
 their own. Display blocks become ```` ```math ```` fences (GitHub renders them
@@ -11,6 +12,10 @@ reliably, backslashes untouched); inline math becomes ``$`...`$``, GitHub's
 form that keeps Markdown from touching the TeX. The site reads the same files:
 ``tools/mkdocs_hooks.py`` turns ``$`...`$`` into arithmatex's ``$...$`` and a
 superfences custom fence turns ``math`` fences into arithmatex display blocks.
+
+"Defined at" lines link to the source file and line relative to the page
+(``../../mnn/layers/linear.py#L13``), which GitHub follows; the site links the
+same line of a highlighted copy of the file (``tools/mkdocs_hooks.py``).
 
 The output is deterministic: regenerating gives identical bytes, and
 ``tests/test_docs.py`` checks the committed files are up to date.
@@ -25,28 +30,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import griffe
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, when run as a script
-from docstring_markdown import Formula, convert  # noqa: E402, F401 (convert: part of this tool's API)
+from api_discovery import (  # noqa: E402, F401 (the names the tests and tools use through this module)
+    GRADCHECKED_MODULES,
+    PACKAGE,
+    ROOT,
+    ClassDoc,
+    ObjectDoc,
+    class_signature,
+    documented_modules,
+    function_signature,
+    is_gradchecked,
+    load_package,
+    public_classes,
+    public_objects,
+)
+from docstring_markdown import Formula, convert, unbalanced_backticks  # noqa: E402
 from table_pages import GENERATED_MARK, table_page  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-PACKAGE = "mnn"
-# The modules documented, in reading order. Missing ones are skipped, so the
-# reference grows as the library does.
-MODULES = ["module", "layers", "losses", "optim", "schedules", "models", "transformer", "gpt", "parallel", "gradcheck"]
-# Modules whose Module subclasses are layers/losses/models: their pages carry a
-# gradient-check line (from docs/gradcheck.json, see tools/gradcheck_report.py).
-GRADCHECKED_MODULES = {"layers", "losses", "models", "transformer", "gpt"}
-
-# The learning path: (title, candidate class names, why read it). The first
-# candidate that exists is linked; the others are listed beside it if they exist.
+# The learning path: (title, candidate names, why read it). A candidate is a
+# class or function name, or ``module.Name`` where the short name is shared.
+# The candidates that exist are linked; a step with none says "not written yet".
 LEARNING_PATH = [
     ("The training loop", ["Module", "Sequential"],
      "the contract every layer keeps: `forward` caches, `backward` accumulates, `zero_grad` once per step."),
@@ -62,13 +69,11 @@ LEARNING_PATH = [
      "scores, the causal mask, softmax over keys, and the backward through all of it."),
     ("LayerNorm", ["LayerNorm"], "normalisation whose Jacobian couples every feature of a row."),
     ("GELU", ["GELU"], "the tanh approximation and its derivative."),
-    ("The GPT", ["GPT", "GPTConfig", "transformer.Block", "transformer.MLP"], "the whole model: embeddings, blocks, tied head, one backward."),
+    ("The GPT", ["GPT", "GPTConfig", "models.gpt.Block", "models.gpt.MLP"],
+     "the whole model: embeddings, blocks, tied head, one backward."),
 ]
 
 
-# --------------------------------------------------------------------------
-# Reading the package with griffe
-# --------------------------------------------------------------------------
 PARSE_OPTIONS = dict(returns_multiple_items=False, returns_named_value=False,
                      warn_unknown_params=False, warnings=False)
 
@@ -82,136 +87,18 @@ def _parse(docstring) -> list:
         return docstring.parse("google")
 
 
-@dataclass
-class ClassDoc:
-    name: str
-    module: str             # "layers"
-    obj: object             # griffe Class
-    bases: list[str] = field(default_factory=list)
-    is_module_subclass: bool = False
-    page: str = ""          # the file stem under docs/api: the class name, or "module.Class" when two share a name
-
-    @property
-    def key(self) -> str:
-        return f"{self.module}.{self.name}"
-
-
-def load_package(root: Path = ROOT):
-    logging.getLogger("griffe").setLevel(logging.ERROR)
-    return griffe.load(PACKAGE, search_paths=[str(root)], docstring_parser="google",
-                       resolve_aliases=False, allow_inspection=False)
-
-
-def public_classes(package) -> list[ClassDoc]:
-    """Public classes of the documented modules, in module then source order.
-
-    Public: named in the module's ``__all__`` if it has one, else defined in
-    that module (not imported) with a name not starting with ``_``.
-    """
-    found = []
-    for module_name in MODULES:
-        if module_name not in package.members:
-            continue
-        module = package[module_name]
-        exports = _exports(module)
-        for name, member in module.members.items():
-            if member.is_alias or not member.is_class:
-                continue
-            if exports is not None and name not in exports:
-                continue
-            if exports is None and name.startswith("_"):
-                continue
-            try:
-                mro = [base.path for base in member.mro()]
-            except Exception:  # an unresolvable base (third-party class)
-                mro = []
-            bases = [getattr(base, "canonical_path", None) or str(base) for base in member.bases]
-            found.append(ClassDoc(name, module_name, member, bases, f"{PACKAGE}.module.Module" in mro))
-    found.sort(key=lambda c: (MODULES.index(c.module), c.obj.lineno or 0))
-    names = [c.name for c in found]
-    for c in found:
-        c.page = c.name if names.count(c.name) == 1 else c.key
-    return found
-
-
-def public_functions(module) -> list:
-    exports = _exports(module)
-    out = []
-    for name, member in module.members.items():
-        if member.is_alias or not member.is_function:
-            continue
-        if (exports is not None and name not in exports) or (exports is None and name.startswith("_")):
-            continue
-        out.append(member)
-    return sorted(out, key=lambda f: f.lineno or 0)
-
-
-def _exports(module):
-    exports = getattr(module, "exports", None)
-    if exports is None:
-        return None
-    return {str(e) if not hasattr(e, "name") else e.name for e in exports}
-
-
-def _format_parameters(parameters, skip_self: bool) -> list[str]:
-    parts, saw_keyword_only_marker = [], False
-    params = list(parameters)
-    if skip_self and params and params[0].name in ("self", "cls"):
-        params = params[1:]
-    for index, p in enumerate(params):
-        kind = p.kind.value if p.kind is not None else ""
-        if kind == "keyword-only" and not saw_keyword_only_marker:
-            parts.append("*")
-            saw_keyword_only_marker = True
-        if kind == "variadic positional":
-            saw_keyword_only_marker = True
-            text = f"*{p.name}"
-        elif kind == "variadic keyword":
-            text = f"**{p.name}"
-        else:
-            text = p.name
-        if p.annotation is not None:
-            text += f": {p.annotation}"
-        if p.default is not None and kind not in ("variadic positional", "variadic keyword"):
-            text += f" = {p.default}" if p.annotation is not None else f"={p.default}"
-        parts.append(text)
-        if kind == "positional-only" and (index + 1 == len(params) or params[index + 1].kind.value != "positional-only"):
-            parts.append("/")
-    return parts
-
-
-def _signature(prefix: str, name: str, parameters: list[str], returns: str | None = None) -> str:
-    one_line = f"{prefix}{name}({', '.join(parameters)})" + (f" -> {returns}" if returns else "")
-    if len(one_line) <= 88:
-        return one_line
-    inner = "".join(f"    {p},\n" for p in parameters)
-    return f"{prefix}{name}(\n{inner})" + (f" -> {returns}" if returns else "")
-
-
-def class_signature(cls) -> str:
-    init = cls.members.get("__init__")
-    params = _format_parameters(init.parameters, skip_self=True) if init is not None and not init.is_alias else []
-    return _signature("class ", cls.name, params)
-
-
-def function_signature(function, method: bool) -> str:
-    params = _format_parameters(function.parameters, skip_self=method)
-    returns = str(function.returns) if function.returns is not None else None
-    return _signature("def ", function.name, params, returns)
-
-
 # --------------------------------------------------------------------------
 # Rendering pages
 # --------------------------------------------------------------------------
 class Renderer:
-    def __init__(self, root: Path, classes: list[ClassDoc], gradchecks: dict):
+    def __init__(self, root: Path, objects: list[ObjectDoc], gradchecks: dict):
         self.root = root
-        self.classes = classes
-        self.qualified = {f"{PACKAGE}.{c.key}": c.page for c in classes}
+        self.objects = objects
+        self.classes = [d for d in objects if d.kind == "class"]
+        self.qualified = {f"{PACKAGE}.{d.key}": d.page for d in objects}
         self.short: dict[str, str] = {}
-        for c in classes:  # a short name shared by two classes links to the first documented
-            self.short.setdefault(c.name, c.page)
-        self.pages = set(self.short)
+        for d in objects:  # a short name shared by two objects links to the first documented
+            self.short.setdefault(d.name, d.page)
         self.gradchecks = gradchecks
         self.formulas: dict[str, list[Formula]] = {}
 
@@ -222,7 +109,7 @@ class Renderer:
             page = self.qualified.get(".".join(parts[:end]))
             if page:
                 return f"[`{short}`]({page}.md)"
-        for part in parts:
+        for part in parts:  # a re-exported path (mnn.layers.Linear) or a bare name
             if part in self.short:
                 return f"[`{short}`]({self.short[part]}.md)"
         return f"`{short}`"
@@ -235,7 +122,7 @@ class Renderer:
         return f"[`{relative}#L{obj.lineno}`]({up}{relative}#L{obj.lineno})"
 
     def resolve(self, name: str) -> str | None:
-        """The page of ``Class`` or ``module.Class``, or None."""
+        """The page of ``Name`` or ``module.Name``, or None."""
         return self.qualified.get(f"{PACKAGE}.{name}") if "." in name else self.short.get(name)
 
     # docstrings ------------------------------------------------------------
@@ -282,14 +169,17 @@ class Renderer:
     def _items(self, items, collected: list[Formula], named: bool) -> str:
         lines = []
         for item in items:
-            md, found = convert(item.description or "", self.link_from_api)
+            annotation, description = item.annotation, item.description or ""
+            if isinstance(annotation, str) and unbalanced_backticks(annotation):
+                # griffe split "``{name: error}`` for each ..." at the colon inside the code span: no type there.
+                annotation, description = None, f"{annotation}: {description}"
+            md, found = convert(description, self.link_from_api)
             collected.extend(found)
-            annotation = f"`{item.annotation}`" if item.annotation is not None else ""
             head = []
             if named and getattr(item, "name", None):
                 head.append(f"**`{item.name}`**")
-            if annotation:
-                head.append(f"({annotation})" if head else annotation)
+            if annotation is not None:
+                head.append(f"(`{annotation}`)" if head else f"`{annotation}`")
             prefix = " ".join(head)
             first, *rest = md.split("\n") if md else [""]
             text = f"- {prefix}: {first}" if prefix and first else f"- {prefix or first}"
@@ -298,7 +188,7 @@ class Renderer:
         return "\n".join(lines)
 
     # pages ---------------------------------------------------------------
-    def gradcheck_line(self, doc: ClassDoc) -> str | None:
+    def gradcheck_line(self, doc: ObjectDoc) -> str | None:
         entry = self.gradchecks.get(doc.key)
         if entry is not None:
             tensors = sorted(entry["errors"])
@@ -307,21 +197,33 @@ class Renderer:
             return (f"> **Gradient check:** max relative error {entry['max_rel_error']:.1e} "
                     f"(float64, central differences) over {names}; case `{entry['case']}`, "
                     f"measured by [`tools/gradcheck_report.py`](../../tools/gradcheck_report.py).")
-        if doc.is_module_subclass and doc.module in GRADCHECKED_MODULES:
+        if doc.is_module_subclass and is_gradchecked(doc.module):
             return ("> **Gradient check:** not measured yet: add a case to "
                     "[`tools/gradcheck_report.py`](../../tools/gradcheck_report.py).")
         return None
 
-    def class_page(self, doc: ClassDoc) -> str:
-        cls = doc.obj
-        self.formulas[doc.page] = []
-        out = [GENERATED_MARK, f"<!-- module: {PACKAGE}.{doc.module} -->", "", f"# {doc.name}", ""]
-        out += ["```python", class_signature(cls), "```", ""]
+    def _head(self, doc: ObjectDoc, signature: str) -> list[str]:
+        title = doc.name if doc.page == doc.name else doc.key
+        out = [GENERATED_MARK, f"<!-- module: {PACKAGE}.{doc.module} -->", "", f"# {title}", ""]
+        out += ["```python", signature, "```", ""]
+        meta = f"`{PACKAGE}.{doc.module}.{doc.name}`, defined at {self.source_link(doc.obj)}"
         base_links = ", ".join(self.link_from_api(b, b.split(".")[-1]) for b in doc.bases)
-        meta = f"`{PACKAGE}.{doc.module}.{doc.name}`, defined at {self.source_link(cls)}"
         if base_links:
             meta += f"; subclass of {base_links}"
-        out += [meta + ".", ""]
+        return out + [meta + ".", ""]
+
+    def function_page(self, doc: ObjectDoc) -> str:
+        self.formulas[doc.page] = []
+        out = self._head(doc, function_signature(doc.obj, method=False))
+        body = self.docstring(doc.obj, doc.page, level=2)
+        if body:
+            out += [body, ""]
+        return "\n".join(out).rstrip("\n") + "\n"
+
+    def class_page(self, doc: ObjectDoc) -> str:
+        cls = doc.obj
+        self.formulas[doc.page] = []
+        out = self._head(doc, class_signature(cls))
         line = self.gradcheck_line(doc)
         if line:
             out += [line, ""]
@@ -344,39 +246,37 @@ class Renderer:
                     out += [text, ""]
         return "\n".join(out).rstrip("\n") + "\n"
 
+    def page(self, doc: ObjectDoc) -> str:
+        return self.class_page(doc) if doc.kind == "class" else self.function_page(doc)
+
+    def _summary(self, doc: ObjectDoc) -> str:
+        summary = doc.obj.docstring.value.split("\n\n")[0] if doc.obj.docstring else ""
+        md, found = convert(summary.replace("\n", " "), self.link_from_api)
+        self.formulas["index"].extend(found)
+        label = doc.name if doc.kind == "class" else f"{doc.name}()"
+        return f"- [`{label}`]({doc.page}.md): {md}" if md else f"- [`{label}`]({doc.page}.md)"
+
     def index_page(self, package) -> str:
         out = [GENERATED_MARK, "", "# API reference", "",
-               "Every public class of mnn, one page each, generated from its docstring. "
+               "Every public class and function of mnn, one page each, generated from its docstring, "
+               "module by module in reading order. "
                "Each layer and loss states its forward pass, the element-wise partial derivatives, "
                "the Jacobian, and the vector-Jacobian product its `backward` computes; "
                "the gradient-check line on its page is measured, not claimed.", ""]
         self.formulas["index"] = []
-        for module_name in MODULES:
-            if module_name not in package.members:
+        for module_key, module in documented_modules(package):
+            mine = [d for d in self.objects if d.module == module_key]
+            if module.docstring is None and not mine:
                 continue
-            module = package[module_name]
-            out += [f"## `{PACKAGE}.{module_name}`", ""]
+            out += [f"## `{PACKAGE}.{module_key}`", ""]
             if module.docstring is not None:
                 md, found = convert(module.docstring.value, self.link_from_api)
                 self.formulas["index"].extend(found)
                 out += [md, ""]
-            classes = [c for c in self.classes if c.module == module_name]
-            if classes:
-                out += ["Classes:", ""]
-                for c in classes:
-                    summary = c.obj.docstring.value.split("\n\n")[0] if c.obj.docstring else ""
-                    md, found = convert(summary.replace("\n", " "), self.link_from_api)
-                    self.formulas["index"].extend(found)
-                    out.append(f"- [`{c.name}`]({c.page}.md): {md}" if md else f"- [`{c.name}`]({c.page}.md)")
-                out.append("")
-            functions = public_functions(module)
-            for function in functions:
-                out += [f"### `{PACKAGE}.{module_name}.{function.name}`", "",
-                        "```python", function_signature(function, method=False), "```", "",
-                        f"Defined at {self.source_link(function)}.", ""]
-                text = self.docstring(function, "index", level=4)
-                if text:
-                    out += [text, ""]
+            for kind, title in (("class", "Classes"), ("function", "Functions")):
+                listed = [self._summary(d) for d in mine if d.kind == kind]
+                if listed:
+                    out += [f"{title}:", "", *listed, ""]
         return "\n".join(out).rstrip("\n") + "\n"
 
     def learning_path(self) -> str:
@@ -385,7 +285,8 @@ class Renderer:
                "the partial derivatives, the Jacobian, and the product `backward` computes, with the "
                "code line that implements each numbered equation cited as `# Eq. (n)`.", "",
                "Before the first step, run the loop itself: `make run` trains the MLP on Fashion-MNIST. "
-               "One training step is, in every model of mnn (see `mnn/train_mlp.py`):", "",
+               "One training step is, in every model of mnn (see `mnn/train/classifier.py`; "
+               "`mnn/train/loop.py` runs the steps):", "",
                "```python",
                "optimizer.zero_grad()                # gradients accumulate, so clear them once per step",
                "loss = loss_fn.forward(model.forward(x), y)",
@@ -422,9 +323,9 @@ def generate(root: Path = ROOT) -> tuple[dict[str, str], dict[str, list[Formula]
     """Every generated file (path relative to ``docs/`` -> text) and the formulas of each page."""
     docs = root / "docs"
     package = load_package(root)
-    classes = public_classes(package)
-    renderer = Renderer(root, classes, load_gradchecks(docs))
-    files = {f"api/{c.page}.md": renderer.class_page(c) for c in classes}
+    objects = public_objects(package)
+    renderer = Renderer(root, objects, load_gradchecks(docs))
+    files = {f"api/{d.page}.md": renderer.page(d) for d in objects}
     files["api/index.md"] = renderer.index_page(package)
     files["learning-path.md"] = renderer.learning_path()
     files["benchmarks.md"] = table_page(

@@ -24,6 +24,7 @@ INLINE_MATH = re.compile(
     r"(?<![\\$])\$(?!\$)(?=\S)((?:\\.|[^$\\\n]|\n(?![ \t]*\n))+?)(?<=\S)(?<!\\)\$(?!\$)"
 )
 CODE_SPAN = re.compile(r"(`+)(.+?)(?<!`)\1(?!`)", re.DOTALL)
+LIST_ITEM = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+\S")
 ROLE = re.compile(r":(?:py:)?(class|meth|func|attr|mod|obj|exc|data):`~?([^`]+)`")
 
 
@@ -128,6 +129,11 @@ def convert(text: str, link=None) -> tuple[str, list[Formula]]:
             flush()
             out.append("")
         else:
+            if LIST_ITEM.match(line) and paragraph and not LIST_ITEM.match(paragraph[0]):
+                # A list right under a line of text: GitHub starts the list, Python-Markdown (the
+                # site) would run it into the paragraph unless a blank line separates them.
+                flush()
+                out.append("")
             paragraph.append(line.rstrip())
         i += 1
     flush()
@@ -136,3 +142,49 @@ def convert(text: str, link=None) -> tuple[str, list[Formula]]:
     return markdown, formulas
 
 
+
+
+FENCE_LINE = re.compile(r"^\s*(`{3,}|~{3,})")
+
+
+def unbalanced_backticks(markdown: str) -> list[str]:
+    """The paragraphs of ``markdown`` (outside fenced blocks) with a backtick that opens no closed code span.
+
+    Empty when every code span is closed: what a garbled page (```` ```{name`: ...`` ````) fails.
+    """
+    paragraphs, current, fence = [], [], None
+    for line in markdown.split("\n"):
+        match = FENCE_LINE.match(line)
+        if fence is None and match:
+            fence = match.group(1)
+            paragraphs.append("\n".join(current))
+            current = []
+        elif fence is not None:
+            if line.strip().startswith(fence) and not line.strip().strip(fence[0]):
+                fence = None
+        elif not line.strip():
+            paragraphs.append("\n".join(current))
+            current = []
+        else:
+            current.append(line)
+    paragraphs.append("\n".join(current))
+    if fence is not None:
+        paragraphs.append(f"an unclosed {fence} fence")
+    return [p for p in paragraphs if p.startswith("an unclosed") or _unclosed_run(p)]
+
+
+def _unclosed_run(paragraph: str) -> bool:
+    """True when a run of backticks opens no code span: as in CommonMark, a run of n backticks
+    is closed only by the next run of exactly n, and a run that nothing closes shows as itself."""
+    runs = [(m.start(), len(m.group())) for m in re.finditer(r"`+", paragraph)]
+    i = 0
+    while i < len(runs):
+        start, length = runs[i]
+        if start > 0 and paragraph[start - 1] == "\\":  # an escaped backtick, outside any span
+            i += 1
+            continue
+        closing = next((j for j in range(i + 1, len(runs)) if runs[j][1] == length), None)
+        if closing is None:
+            return True
+        i = closing + 1
+    return False

@@ -64,20 +64,21 @@ class Case:
     reseed: bool = False  # reset ``layer.rng`` before every forward (Dropout's mask)
 
 
-# "module.Class" -> the case. Shapes are small so every case runs in well under a second.
+# "module.Class", the module being the one that defines it ("layers.linear.Linear"), -> the case.
+# Shapes are small so every case runs in well under a second.
 CASES: dict[str, Case] = {
-    "layers.Linear": Case("Linear(4, 3), x (2, 3, 4)",
+    "layers.linear.Linear": Case("Linear(4, 3), x (2, 3, 4)",
                           lambda m, rng: m.Linear(4, 3, rng=rng), lambda rng: (normal(rng, 2, 3, 4),)),
-    "layers.ReLU": Case("ReLU(), x (3, 5), |x| >= 0.1", lambda m, rng: m.ReLU(), lambda rng: (away_from_zero(rng, 3, 5),)),
-    "layers.Sigmoid": Case("Sigmoid(), x (3, 5)", lambda m, rng: m.Sigmoid(), lambda rng: (normal(rng, 3, 5),)),
-    "layers.Tanh": Case("Tanh(), x (3, 5)", lambda m, rng: m.Tanh(), lambda rng: (normal(rng, 3, 5),)),
-    "layers.Log": Case("Log(), x (3, 5) in [0.5, 2]", lambda m, rng: m.Log(), lambda rng: (positive(rng, 3, 5),)),
-    "layers.Softmax": Case("Softmax(), x (2, 3, 5)", lambda m, rng: m.Softmax(), lambda rng: (normal(rng, 2, 3, 5),)),
-    "layers.LogSoftmax": Case("LogSoftmax(), x (2, 3, 5)", lambda m, rng: m.LogSoftmax(),
+    "layers.activation.ReLU": Case("ReLU(), x (3, 5), |x| >= 0.1", lambda m, rng: m.ReLU(), lambda rng: (away_from_zero(rng, 3, 5),)),
+    "layers.activation.Sigmoid": Case("Sigmoid(), x (3, 5)", lambda m, rng: m.Sigmoid(), lambda rng: (normal(rng, 3, 5),)),
+    "layers.activation.Tanh": Case("Tanh(), x (3, 5)", lambda m, rng: m.Tanh(), lambda rng: (normal(rng, 3, 5),)),
+    "layers.activation.Log": Case("Log(), x (3, 5) in [0.5, 2]", lambda m, rng: m.Log(), lambda rng: (positive(rng, 3, 5),)),
+    "layers.softmax.Softmax": Case("Softmax(), x (2, 3, 5)", lambda m, rng: m.Softmax(), lambda rng: (normal(rng, 2, 3, 5),)),
+    "layers.softmax.LogSoftmax": Case("LogSoftmax(), x (2, 3, 5)", lambda m, rng: m.LogSoftmax(),
                               lambda rng: (normal(rng, 2, 3, 5),)),
-    "layers.Dropout": Case("Dropout(0.3), x (4, 5), fixed mask", lambda m, rng: m.Dropout(0.3, rng=rng),
+    "layers.dropout.Dropout": Case("Dropout(0.3), x (4, 5), fixed mask", lambda m, rng: m.Dropout(0.3, rng=rng),
                            lambda rng: (normal(rng, 4, 5),), reseed=True),
-    "layers.MatrixProduct": Case("MatrixProduct(), Q (2, 3, 4), P (2, 4, 5)", lambda m, rng: m.MatrixProduct(),
+    "layers.matmul.MatrixProduct": Case("MatrixProduct(), Q (2, 3, 4), P (2, 4, 5)", lambda m, rng: m.MatrixProduct(),
                                  lambda rng: (normal(rng, 2, 3, 4), normal(rng, 2, 4, 5))),
     "losses.MSELoss": Case("MSELoss(), prediction and target (4, 3)", lambda m, rng: m.MSELoss(),
                            lambda rng: (normal(rng, 4, 3), normal(rng, 4, 3))),
@@ -86,19 +87,19 @@ CASES: dict[str, Case] = {
     "losses.CrossEntropyLoss": Case("CrossEntropyLoss(), logits (2, 3, 5), labels (2, 3)",
                                     lambda m, rng: m.CrossEntropyLoss(),
                                     lambda rng: (normal(rng, 2, 3, 5), labels(rng, 5, 2, 3))),
-    "models.MLP": Case("MLP(4, hidden=(5,), num_classes=3), x (3, 4)",
+    "models.mlp.MLP": Case("MLP(4, hidden=(5,), num_classes=3), x (3, 4)",
                        lambda m, rng: m.MLP(4, hidden=(5,), num_classes=3, seed=0),
                        lambda rng: (away_from_zero(rng, 3, 4),)),
-    "transformer.Embedding": Case("Embedding(7, 4), ids (2, 3)", lambda m, rng: m.Embedding(7, 4, rng=rng),
+    "layers.embedding.Embedding": Case("Embedding(7, 4), ids (2, 3)", lambda m, rng: m.Embedding(7, 4, rng=rng),
                                   lambda rng: (labels(rng, 7, 2, 3),)),
-    "transformer.LayerNorm": Case("LayerNorm(4), x (2, 3, 4)", lambda m, rng: m.LayerNorm(4),
+    "layers.normalization.LayerNorm": Case("LayerNorm(4), x (2, 3, 4)", lambda m, rng: m.LayerNorm(4),
                                   lambda rng: (normal(rng, 2, 3, 4),)),
-    "transformer.GELU": Case("GELU(), x (3, 5)", lambda m, rng: m.GELU(), lambda rng: (normal(rng, 3, 5),)),
-    "transformer.MultiHeadAttention": Case("MultiHeadAttention(4, 2), causal, x (2, 3, 4)",
+    "layers.activation.GELU": Case("GELU(), x (3, 5)", lambda m, rng: m.GELU(), lambda rng: (normal(rng, 3, 5),)),
+    "layers.attention.MultiHeadAttention": Case("MultiHeadAttention(4, 2), causal, x (2, 3, 4)",
                                            lambda m, rng: m.MultiHeadAttention(4, 2, rng=rng),
                                            lambda rng: (normal(rng, 2, 3, 4),)),
-    "transformer.MLP": Case("MLP(4), x (2, 3, 4)", lambda m, rng: m.MLP(4, rng=rng), lambda rng: (normal(rng, 2, 3, 4),)),
-    "transformer.Block": Case("Block(4, 2), causal, x (2, 3, 4)", lambda m, rng: m.Block(4, 2, rng=rng),
+    "models.gpt.MLP": Case("MLP(4), x (2, 3, 4)", lambda m, rng: m.MLP(4, rng=rng), lambda rng: (normal(rng, 2, 3, 4),)),
+    "models.gpt.Block": Case("Block(4, 2), causal, x (2, 3, 4)", lambda m, rng: m.Block(4, 2, rng=rng),
                               lambda rng: (normal(rng, 2, 3, 4),)),
 }
 
@@ -111,7 +112,7 @@ def _gpt_case() -> Case:
                 build, lambda rng: (labels(rng, 7, 2, 3),))
 
 
-CASES["gpt.GPT"] = _gpt_case()
+CASES["models.gpt.GPT"] = _gpt_case()
 
 
 def measure(names: list[str] | None = None) -> dict:
@@ -123,7 +124,7 @@ def measure(names: list[str] | None = None) -> dict:
     results = {}
     try:
         for name in sorted(names if names is not None else CASES):
-            module_name, class_name = name.split(".")
+            module_name, class_name = name.rsplit(".", 1)
             try:
                 module = importlib.import_module(f"mnn.{module_name}")
             except ImportError:
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
     results = measure()
     for name, entry in results.items():
         flag = "" if entry["max_rel_error"] <= TOLERANCE else "   <-- above tolerance"
-        print(f"{name:34s} {entry['max_rel_error']:.1e}{flag}")
+        print(f"{name:40s} {entry['max_rel_error']:.1e}{flag}")
     if not args.print:
         OUTPUT.parent.mkdir(parents=True, exist_ok=True)
         OUTPUT.write_text(json.dumps(report(results), indent=2, sort_keys=True) + "\n")

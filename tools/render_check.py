@@ -16,7 +16,7 @@ it waits for MathJax to finish and reports:
 Usage::
 
     python tools/render_check.py site/                      # check every page
-    python tools/render_check.py site/ --screenshot api/MatrixProduct/ docs/img/MatrixProduct.png
+    python tools/render_check.py site/ --screenshot api/MatrixProduct.html docs/img/MatrixProduct.png
 """
 
 from __future__ import annotations
@@ -255,12 +255,13 @@ def serve(directory: Path):
 
 
 def site_pages(site: Path) -> list[str]:
-    """Every page of a built site, as a URL path relative to its root (``api/Linear/``)."""
-    pages = []
-    for html in sorted(site.rglob("index.html")):
-        relative = html.parent.relative_to(site).as_posix()
-        pages.append("" if relative == "." else relative + "/")
-    return pages
+    """Every page of a built site, as a path relative to its root (``api/Linear.html``).
+
+    Not ``404.html`` (a server's page) nor the highlighted source files under
+    ``source/`` (plain HTML without math; see tools/mkdocs_hooks.py).
+    """
+    return sorted(html.relative_to(site).as_posix() for html in site.rglob("*.html")
+                  if html.name != "404.html" and html.relative_to(site).parts[0] != "source")
 
 
 def check_site(site: Path, pages: list[str] | None = None) -> dict[str, dict]:
@@ -289,7 +290,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("site", type=Path)
     parser.add_argument("--screenshot", nargs=2, metavar=("PAGE", "PNG"),
-                        help="save a PNG of PAGE (e.g. api/MatrixProduct/) instead of checking")
+                        help="save a PNG of PAGE (e.g. api/MatrixProduct.html) instead of checking")
     args = parser.parse_args(argv)
     if args.screenshot:
         page, png = args.screenshot
