@@ -18,13 +18,20 @@ This is an optional extra (``pip install 'manual-nn[fast]'``): without numba,
 or on a GPU, or with ``MNN_JIT=0`` in the environment, every caller takes its
 pure-numpy path, which stays the reference (the tests compare the two).
 Kernels are compiled on their first call (about a second each) and cached on
-disk beside this file; they release the GIL.
+disk by numba (in ``__pycache__`` beside the source, else in the user's cache
+folder, or in ``NUMBA_CACHE_DIR`` when set); they release the GIL. The compiled
+path never makes mnn fail: where numba finds no folder it can write (mnn
+installed by another user, no writable home) or cannot write its cache (a full
+disk), the kernels are compiled without a cache, with one warning per process;
+arrays of a dtype the kernels are not written for (float16, complex) take the
+numpy path.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import numpy
 
@@ -32,6 +39,9 @@ from mnn.backend import xp
 
 _enabled = os.environ.get("MNN_JIT", "1") != "0"
 _numba = None  # the numba module once imported (on first use: it takes half a second), False if absent
+_cache_warned = False  # whether the warning that kernels are compiled without a cache was shown
+# dtype.char of what the kernels take: float32, float64, the integers and bool (not float16, complex, longdouble)
+_KERNEL_DTYPES = frozenset("fd?bBhHiIlLqQ")
 
 
 def _load_numba():
@@ -59,8 +69,9 @@ def set_enabled(flag: bool) -> bool:
 
 
 def usable(*arrays) -> bool:
-    """Whether the compiled kernels can take these arrays: :func:`enabled`, and every array C-contiguous."""
-    return enabled() and all(array.flags.c_contiguous for array in arrays)
+    """Whether the compiled kernels can take these arrays: :func:`enabled`, every array C-contiguous and of
+    a dtype the kernels are compiled for (float32, float64, integers, bool)."""
+    return enabled() and all(array.flags.c_contiguous and array.dtype.char in _KERNEL_DTYPES for array in arrays)
 
 
 def kernel(function=None, *, reassociate: bool = False):
@@ -71,21 +82,42 @@ def kernel(function=None, *, reassociate: bool = False):
     ``reassociate=True`` lets a sum over a row be added in any order (SIMD
     partial sums, as numpy's own reductions do); nothing else of fast-math.
     Callers check :func:`enabled` first: without numba nothing is compiled,
-    and the loop is never run element by element in Python.
+    and the loop is never run element by element in Python. Where numba
+    cannot cache (no writable folder; a cache file it cannot read or write),
+    the kernel is compiled without a cache and :func:`_warn_uncached` says so once.
     """
     if function is None:
         return lambda f: kernel(f, reassociate=reassociate)
+    options = {"nogil": True, "error_model": "numpy", "fastmath": {"reassoc"} if reassociate else False}
     compiled = None
 
     @functools.wraps(function)
     def run(*args):
         nonlocal compiled
         if compiled is None:
-            compiled = _load_numba().njit(cache=True, nogil=True, error_model="numpy",
-                                          fastmath={"reassoc"} if reassociate else False)(function)
-        return compiled(*args)
+            try:
+                compiled = _load_numba().njit(cache=True, **options)(function)
+            except (RuntimeError, OSError) as error:  # "cannot cache function ...: no locator available"
+                _warn_uncached(error)
+                compiled = _load_numba().njit(cache=False, **options)(function)
+        try:
+            return compiled(*args)
+        except OSError as error:  # compiled, but its cache could not be read or written: nothing ran yet
+            _warn_uncached(error)
+            compiled = _load_numba().njit(cache=False, **options)(function)
+            return compiled(*args)
 
     return run
+
+
+def _warn_uncached(error: Exception) -> None:
+    """Say once per process that kernels are compiled without numba's disk cache, why, and how to get it back."""
+    global _cache_warned
+    if not _cache_warned:
+        _cache_warned = True
+        warnings.warn(f"mnn: numba cannot cache the compiled kernels ({error}); they are compiled in every process "
+                      "instead (about a second each). Set NUMBA_CACHE_DIR to a folder you can write to keep them.",
+                      RuntimeWarning, stacklevel=3)
 
 
 def flat(array):

@@ -6,7 +6,8 @@ A layer is a :class:`Module`:
 * ``params`` and ``grads`` are dicts with the same keys (``"weight"``, ``"bias"``);
 * ``forward(x)`` computes the output and stores exactly what backward needs in
   ``self.cache``;
-* ``backward(dy)`` reads the cache, **accumulates** parameter gradients
+* ``backward(dy)`` reads the cache, checks ``dy`` has the output's shape
+  (:func:`check_output_grad`), **accumulates** parameter gradients
   (``self.grads[k] += ...``), releases the cache and returns ``dx``.
 
 Because gradients accumulate, call :meth:`Module.zero_grad` once per step.
@@ -223,6 +224,21 @@ def check_input(layer: Module, x, last_dim: int | None = None, min_ndim: int = 1
         raise ShapeError(f"{layer!r}: expected input ({wanted}) with at least {min_ndim} dims, got shape {shape}")
     if last_dim is not None and shape[-1] != last_dim:
         raise ShapeError(f"{layer!r}: expected input ({wanted}), got shape {shape}")
+
+
+def check_output_grad(layer: Module, dy, shape: tuple) -> None:
+    """Refuse an upstream gradient whose shape is not the forward output's, naming the layer and both shapes.
+
+    Called first in ``backward`` (one tuple comparison): a mis-shaped ``dy``
+    would otherwise fail deep inside a reshape, broadcast silently into a
+    wrong gradient, or be read out of bounds by a compiled loop.
+
+    Raises:
+        ShapeError: e.g. ``Linear(4, 10, bias=True): backward expected dy of the output's shape (7, 10), got (7, 4)``.
+    """
+    if getattr(dy, "shape", None) != shape:
+        raise ShapeError(f"{layer!r}: backward expected dy of the output's shape {tuple(shape)}, "
+                         f"got {tuple(getattr(dy, 'shape', ()))}")
 
 
 class Sequential(Module):

@@ -13,7 +13,7 @@ import math
 from mnn import jit
 from mnn.backend import xp
 from mnn.errors import InputError
-from mnn.module import Module, grad_enabled
+from mnn.module import Module, check_output_grad, grad_enabled
 
 
 class ReLU(Module):
@@ -58,7 +58,8 @@ class ReLU(Module):
 
     def backward(self, dy):
         mask = self.pop_cache()
-        if jit.usable(dy, mask) and dy.shape == mask.shape:
+        check_output_grad(self, dy, mask.shape)
+        if jit.usable(dy, mask):
             dx = xp.empty(dy.shape, dtype=dy.dtype)
             _relu_backward_kernel(jit.flat(dy), jit.flat(mask), jit.flat(dx))  # Eq. (2)
             return dx
@@ -108,6 +109,7 @@ class Sigmoid(Module):
 
     def backward(self, dy):
         y = self.pop_cache()
+        check_output_grad(self, dy, y.shape)
         return dy * y * (1.0 - y)  # Eq. (2)
 
 
@@ -135,6 +137,7 @@ class Tanh(Module):
 
     def backward(self, dy):
         y = self.pop_cache()
+        check_output_grad(self, dy, y.shape)
         return dy * (1.0 - y * y)  # Eq. (2)
 
 
@@ -164,6 +167,7 @@ class Log(Module):
 
     def backward(self, dy):
         x = self.pop_cache()
+        check_output_grad(self, dy, x.shape)
         return dy / x  # Eq. (2)
 
 
@@ -234,6 +238,7 @@ class GELU(Module):
 
     def backward(self, dy):
         x, gate = self.pop_cache()
+        check_output_grad(self, dy, x.shape)
         if jit.usable(x, gate, dy):
             dx = xp.empty_like(dy)
             real = x.dtype.type

@@ -15,7 +15,7 @@ from mnn.layers.dropout import Dropout
 from mnn.layers.linear import Linear
 from mnn.layers.matmul import MatrixProduct
 from mnn.layers.softmax import Softmax
-from mnn.module import Module, check_input, no_grad
+from mnn.module import Module, check_input, check_output_grad, no_grad
 
 
 class MultiHeadAttention(Module):
@@ -172,6 +172,7 @@ class MultiHeadAttention(Module):
     def backward(self, dy):
         B, T = self.pop_cache()
         C, NH, hs = self.n_embd, self.n_head, self.head_size
+        check_output_grad(self, dy, (B, T, C))
         dy = self.c_proj.backward(self.resid_dropout.backward(dy.reshape(B * T, C)))
         dy = self.merge_view(dy.reshape(B, T, C))  # un-merge heads: a strided view
         dprobs, dv = self.weighted_sum.backward(dy)  # Eq. (4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy
 
 from mnn.backend import xp
-from mnn.module import Module
+from mnn.module import Module, check_output_grad
 
 
 class Dropout(Module):
@@ -42,7 +42,7 @@ class Dropout(Module):
 
     def forward(self, x):
         if not self.training or self.p == 0.0:
-            self.cache = 1.0
+            self.cache = x.shape  # the identity: only the shape, to check dy against
             return x
         keep = self.rng.random(x.shape, dtype=numpy.float32) >= self.p
         scaled_mask = xp.asarray(keep, dtype=x.dtype) * (1.0 / (1.0 - self.p))
@@ -51,8 +51,10 @@ class Dropout(Module):
 
     def backward(self, dy):
         scaled_mask = self.pop_cache()
-        if isinstance(scaled_mask, float):
+        if isinstance(scaled_mask, tuple):
+            check_output_grad(self, dy, scaled_mask)
             return dy
+        check_output_grad(self, dy, scaled_mask.shape)
         return dy * scaled_mask  # Eq. (2)
 
     def extra_repr(self) -> str:

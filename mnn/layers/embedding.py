@@ -6,7 +6,7 @@ import numpy
 
 from mnn.backend import default_dtype, xp
 from mnn.errors import InputError, ShapeError
-from mnn.module import Module
+from mnn.module import Module, check_output_grad
 
 
 class Embedding(Module):
@@ -93,7 +93,9 @@ class Embedding(Module):
         return xp.take(self.params["weight"], ids, axis=0)  # Eq. (1)
 
     def backward(self, dy):
-        ids = self.pop_cache().reshape(-1)
+        ids = self.pop_cache()
+        check_output_grad(self, dy, ids.shape + (self.embedding_dim,))
+        ids = ids.reshape(-1)
         rows = dy.reshape(-1, self.embedding_dim)
         order = xp.argsort(ids)
         sorted_ids = ids[order]

@@ -7,7 +7,7 @@ import math
 import numpy
 
 from mnn.backend import default_dtype, xp
-from mnn.module import Module, check_input
+from mnn.module import Module, check_input, check_output_grad
 
 
 class Linear(Module):
@@ -91,6 +91,7 @@ class Linear(Module):
 
     def backward(self, dy):
         x = self.pop_cache()
+        check_output_grad(self, dy, x.shape[:-1] + (self.out_features,))
         x2 = x.reshape(-1, self.in_features)
         dy2 = dy.reshape(-1, self.out_features)
         self.grads["weight"] += dy2.T @ x2  # Eq. (3)

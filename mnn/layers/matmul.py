@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mnn.backend import xp
 from mnn.errors import ShapeError
-from mnn.module import Module
+from mnn.module import Module, check_output_grad
 
 
 class MatrixProduct(Module):
@@ -79,6 +79,7 @@ class MatrixProduct(Module):
 
     def backward(self, dd):
         q, p = self.pop_cache()
+        check_output_grad(self, dd, q.shape[:-1] + p.shape[-1:])
         dq = dd @ xp.swapaxes(p, -1, -2)  # Eq. (2)
         dp = xp.swapaxes(q, -1, -2) @ dd  # Eq. (3)
         return dq, dp

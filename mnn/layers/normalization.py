@@ -6,7 +6,7 @@ import numpy
 
 from mnn import jit
 from mnn.backend import default_dtype, xp
-from mnn.module import Module, check_input, grad_enabled
+from mnn.module import Module, check_input, check_output_grad, grad_enabled
 
 
 class LayerNorm(Module):
@@ -107,6 +107,7 @@ class LayerNorm(Module):
 
     def backward(self, dy):
         x_hat, rstd = self.pop_cache()
+        check_output_grad(self, dy, x_hat.shape)
         C = self.normalized_shape
         if jit.usable(dy):
             return self._backward_compiled(dy, x_hat, rstd)

@@ -6,7 +6,7 @@ import math
 
 from mnn import jit
 from mnn.backend import xp
-from mnn.module import Module
+from mnn.module import Module, check_output_grad
 
 
 class Softmax(Module):
@@ -140,6 +140,7 @@ class Softmax(Module):
 
     def backward(self, dy):
         y = self.pop_cache()
+        check_output_grad(self, dy, y.shape)
         if self._compiled(y, dy):
             dx = xp.empty_like(dy)
             n = y.shape[-1]
@@ -231,6 +232,7 @@ class LogSoftmax(Module):
 
     def backward(self, dy):
         z = self.pop_cache()
+        check_output_grad(self, dy, z.shape)
         return dy - xp.exp(z) * dy.sum(axis=self.axis, keepdims=True)  # Eq. (2)
 
     def extra_repr(self) -> str:
