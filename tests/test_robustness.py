@@ -215,7 +215,7 @@ def test_gpt_nan_stops_and_keeps_the_last_checkpoint(workdir, tmp_path, monkeypa
     nan_loss_at(monkeypatch, {8})
     with pytest.raises(TrainingError) as error:
         train_gpt(gpt_config(workdir, tmp_path))
-    assert str(error.value).startswith(f"loss became nan at step 3: training stopped; the last checkpoint (step 2) "
+    assert str(error.value).startswith(f"loss became nan at step 3: training stopped; the last good checkpoint (step 2) "
                                        f"is kept in {tmp_path / CHECKPOINT_NAME}")
     assert "resume with: mnn train gpt --resume" in str(error.value)
     tensors, metadata = read_tensors(tmp_path / CHECKPOINT_NAME)
@@ -253,10 +253,10 @@ def test_api_errors_name_the_layer_and_both_shapes():
 
 
 def test_checkpoint_interval_adds_checkpoints(workdir, tmp_path, monkeypatch):
-    import mnn.train.language_model
+    import mnn.train.loop
 
-    steps, original = [], mnn.train.language_model.save_checkpoint
-    monkeypatch.setattr(mnn.train.language_model, "save_checkpoint",
+    steps, original = [], mnn.train.loop.save_checkpoint
+    monkeypatch.setattr(mnn.train.loop, "save_checkpoint",
                         lambda path, model, opt, gens, config, step, state, **extra:
                         steps.append((step, state["evaluated"])) or original(path, model, opt, gens, config, step,
                                                                               state, **extra))

@@ -6,7 +6,7 @@ as a function of the step.
 """
 
 from mnn.optim.adam import Adam, AdamW
-from mnn.optim.optimizer import Optimizer, clip_grad_norm, param_groups
+from mnn.optim.optimizer import Optimizer, clip_grad_norm, grad_norm, param_groups
 from mnn.optim.schedules import (
            Constant,
            Schedule,
@@ -17,4 +17,4 @@ from mnn.optim.schedules import (
 from mnn.optim.sgd import SGD
 
 __all__ = ["SGD", "Adam", "AdamW", "Constant", "Optimizer", "Schedule", "StepDecay", "WarmupCosine",
-           "clip_grad_norm", "param_groups", "schedule_from_config"]
+           "clip_grad_norm", "grad_norm", "param_groups", "schedule_from_config"]

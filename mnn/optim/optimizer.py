@@ -222,6 +222,22 @@ def _all_triples(groups: list[dict]):
 
 
 
+def grad_norm(grads) -> float:
+    """The global L2 norm of gradients taken as one vector (Eq. 1 of :func:`clip_grad_norm`), read only.
+
+    Args:
+        grads: an iterable of gradient arrays, or of ``(name, grad)`` pairs.
+
+    Returns:
+        The norm as a Python float (NaN or inf when a gradient is).
+    """
+    total = 0.0
+    for item in grads:
+        flat = (item[1] if isinstance(item, tuple) else item).reshape(-1)
+        total += float(xp.vdot(flat, flat))  # sum of squares, no temporary
+    return math.sqrt(total)
+
+
 def clip_grad_norm(grads, max_norm: float) -> float:
     r"""Scale gradients in place so that their global L2 norm is at most ``max_norm``.
 
@@ -256,11 +272,7 @@ def clip_grad_norm(grads, max_norm: float) -> float:
     if not max_norm > 0.0:
         raise ValueError(f"clip_grad_norm: max_norm must be > 0, got {max_norm}")
     arrays = [item[1] if isinstance(item, tuple) else item for item in grads]
-    total = 0.0
-    for grad in arrays:
-        flat = grad.reshape(-1)
-        total += float(xp.vdot(flat, flat))  # Eq. (1): sum of squares, no temporary
-    total_norm = math.sqrt(total)  # Eq. (1)
+    total_norm = grad_norm(arrays)  # Eq. (1)
     if not math.isfinite(total_norm):
         return total_norm
     coefficient = float(max_norm) / (total_norm + 1e-6)  # Eq. (2)

@@ -1,48 +1,24 @@
-"""Train a character-level GPT (nanoGPT's recipe), and sample from it."""
+"""Character language models: a GPT (nanoGPT's recipe) trained by the shared loop (:mod:`mnn.train.loop`), and sampled."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
 
 from mnn.backend import asarray, xp
-from mnn.data import (
-    CharTokenizer,
-    load_text,
-    random_windows,
-    split_train_val,
-    tiny_shakespeare_path,
-)
-from mnn.errors import CheckpointError, DataError, TrainingError
-from mnn.io import load_model, save_model
-from mnn.io.checkpoint import (
-    CHECKPOINT_NAME,
-    WEIGHTS_NAME,
-    finite_or_none,
-    model_generators,
-    read_checkpoint,
-    restore,
-    save_checkpoint,
-    weights_finite,
-)
+from mnn.data import CharTokenizer, load_text, random_windows, split_train_val, tiny_shakespeare_path
+from mnn.errors import CheckpointError, DataError
+from mnn.io import WEIGHTS_NAME, load_model, save_model
+from mnn.io.checkpoint import finite_or_none, model_generators
 from mnn.losses import CrossEntropyLoss
-from mnn.models.gpt import GPT, GPTConfig
-from mnn.optim import AdamW, clip_grad_norm, param_groups
-from mnn.optim.schedules import WarmupCosine
+from mnn.models import GPT, GPTConfig
+from mnn.optim import AdamW, WarmupCosine, clip_grad_norm, param_groups
 from mnn.parallel import DataParallel
-from mnn.train.reporting import (
-    History,
-    StepTimer,
-    StopRequest,
-    log,
-    progress_bar,
-    resume_command,
-)
+from mnn.train.loop import run
+from mnn.train.reporting import log
 
 
 @dataclass
@@ -143,6 +119,123 @@ def check_config(config: GPTTrainConfig) -> None:
         raise ValueError(f"replicas must be a positive integer, got {config.replicas!r}")
 
 
+class LanguageModelTask:
+    """What is particular to training a character language model; :func:`mnn.train.loop.run` does the rest.
+
+    One step is one batch of random windows of the training text (drawn from
+    the ``batch`` generator), split among ``replicas`` threads
+    (:mod:`mnn.parallel`); the gradients are clipped to ``grad_clip``. Every
+    ``eval_interval`` steps (and at the end) the loss is estimated on both
+    splits, and the weights with the best validation loss so far are saved in
+    ``model.safetensors`` (nanoGPT's ``ckpt.pt``); the checkpoint holds the
+    latest weights.
+    """
+
+    name = "gpt"
+    length_option = "a larger --max-iters"
+    step_base = 0  # messages name iterations from 0, as nanoGPT
+    evaluation_name = "loss"
+    plot_series = ["loss", "train", "val"]
+
+    def __init__(self, config: GPTTrainConfig) -> None:
+        check_config(config)
+        self.tokenizer, self.train_ids, self.val_ids = prepare_text(tiny_shakespeare_path(config.data))
+        for name, ids in [("train", self.train_ids), ("val", self.val_ids)]:
+            if len(ids) <= config.block_size:
+                raise DataError(f"the {name} split has {len(ids)} characters, not more than block_size "
+                                f"{config.block_size}: use a longer text or a smaller --block-size")
+        model_config = GPTConfig(block_size=config.block_size, vocab_size=self.tokenizer.vocab_size,
+                                 n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
+                                 dropout=config.dropout, bias=config.bias)
+        self.config = config
+        self.model = GPT(model_config, seed=config.seed)
+        self.optimizer = AdamW(param_groups(self.model, config.weight_decay), lr=config.learning_rate,
+                               betas=(config.beta1, config.beta2))
+        self.total_steps = config.max_iters
+        self.schedule = WarmupCosine(config.learning_rate, config.min_lr, config.warmup_iters,
+                                     config.lr_decay_iters or config.max_iters)
+        self.batch_rng = numpy.random.default_rng([config.seed, 1])
+        self.eval_rng = numpy.random.default_rng([config.seed, 2])
+        on_cpu = xp.__name__ == "numpy"  # threads share one GPU to no gain: one replica there
+        self.parallel = DataParallel(self.model, CrossEntropyLoss(), config.replicas if on_cpu else 1)
+        self.generators = {"batch": self.batch_rng, "eval": self.eval_rng, **model_generators(self.model),
+                           **self.parallel.generators()}
+        self.grads = [grad for _, grad in self.model.named_grads()]  # the same arrays every step
+        self.weights_path = Path(config.out) / WEIGHTS_NAME
+        self.plot_title = "GPT on " + Path(config.data or "tiny shakespeare").name
+        self.best_val, self.best_step, self.last = math.inf, None, {}
+        log(f"gpt {model_config.n_layer}x{model_config.n_embd} ({self.model.num_parameters():,} parameters), "
+            f"vocab {self.tokenizer.vocab_size}, {len(self.train_ids):,} train / {len(self.val_ids):,} val characters")
+
+    def forward_backward(self, step: int) -> float:
+        x, y = random_windows(self.train_ids, self.config.block_size, self.config.batch_size, self.batch_rng)
+        return self.parallel.forward_backward(asarray(x), asarray(y))
+
+    def gradient_norm(self) -> float:
+        return clip_grad_norm(self.grads, self.config.grad_clip)
+
+    def discard_step(self) -> None:
+        pass
+
+    def stretch(self, start: int, end: int) -> str:
+        """Steps ``start + 1 .. end`` in words, for messages."""
+        return f"steps {start + 1} to {end}"
+
+    def evaluation_due(self, step: int) -> bool:
+        return step % self.config.eval_interval == 0 or step == self.config.max_iters
+
+    def evaluate(self, step: int) -> dict:
+        splits = {"train": self.train_ids, "val": self.val_ids}
+        self.last = estimate_loss(self.parallel, splits, self.config, self.eval_rng)
+        return dict(self.last)
+
+    def evaluation_line(self, step: int, metrics: dict, ms_per_step: float) -> str:
+        return (f"step {step} | train {metrics['train']:.4f} | val {metrics['val']:.4f} | "
+                f"lr {self.optimizer.lr:.1e} | {ms_per_step:.1f} ms/step")
+
+    def row_extras(self, step: int) -> dict:
+        return {}
+
+    def after_evaluation(self, step: int, metrics: dict) -> None:
+        if metrics["val"] < self.best_val:
+            self.best_val, self.best_step = metrics["val"], step
+            save_model(self.weights_path, self.model, vocab=self.tokenizer.vocab, step=str(step))
+
+    def state(self, step: int) -> dict:
+        return {"last": self.last, "best_val": finite_or_none(self.best_val), "best_step": self.best_step}
+
+    def load_state(self, state: dict, step: int) -> None:
+        self.last = state["last"]
+        self.best_val = math.inf if state["best_val"] is None else state["best_val"]
+        self.best_step = state.get("best_step")
+
+    def check_resume(self, metadata: dict, path) -> None:
+        if metadata.get("vocab") != self.tokenizer.vocab:
+            raise CheckpointError(f"{path}: the text's characters differ from the checkpoint's vocabulary "
+                                  "(was --data changed?)")
+
+    def checkpoint_metadata(self) -> dict:
+        return {"vocab": self.tokenizer.vocab}
+
+    def weights_note(self) -> str:
+        if not math.isfinite(self.best_val):
+            return ""
+        at = f" at step {self.best_step}" if self.best_step is not None else ""
+        return f"; the best weights (val {self.best_val:.4f}{at}) in {self.weights_path}"
+
+    def finish(self, stopped: bool) -> None:
+        self.parallel.close()
+        if stopped:
+            checkpoint = self.weights_path.with_name("checkpoint.safetensors")
+            log(f"sample the latest weights with: mnn sample {checkpoint}")
+        else:
+            log(f"best val {self.best_val:.4f}; weights in {self.weights_path}")
+
+    def result_of(self, step: int, last_loss, ms_per_step: float) -> dict:
+        return {"best_val": self.best_val, "train": self.last.get("train"), "val": self.last.get("val"),
+                "iters": step, "ms_per_step": ms_per_step}
+
+
 def train_gpt(config: GPTTrainConfig, resume=None, on_iteration=None) -> dict:
     """Train with AdamW, warm-up + cosine, clipping; keep the best-val weights in ``config.out``.
 
@@ -153,8 +246,8 @@ def train_gpt(config: GPTTrainConfig, resume=None, on_iteration=None) -> dict:
     and ``train_gpt(config, resume=config.out)`` continues it exactly.
 
     A non-finite loss or gradient norm stops the run with
-    :class:`TrainingError` (the checkpoints are kept), or the step is skipped
-    with ``skip_nonfinite``.
+    :class:`~mnn.errors.TrainingError` (the checkpoints are kept), or the step
+    is skipped with ``skip_nonfinite``.
 
     ``on_iteration(it)``, if given, is called at the top of every iteration
     ``it`` (before its evaluation, if any, and its step), up to and including
@@ -165,131 +258,7 @@ def train_gpt(config: GPTTrainConfig, resume=None, on_iteration=None) -> dict:
         ``{"best_val": ..., "train": ..., "val": ..., "iters": ...}``, and
         ``"interrupted": True`` when a signal stopped the run.
     """
-    check_config(config)
-    tokenizer, train_ids, val_ids = prepare_text(tiny_shakespeare_path(config.data))
-    for name, ids in [("train", train_ids), ("val", val_ids)]:
-        if len(ids) <= config.block_size:
-            raise DataError(f"the {name} split has {len(ids)} characters, not more than block_size "
-                            f"{config.block_size}: use a longer text or a smaller --block-size")
-    model_config = GPTConfig(block_size=config.block_size, vocab_size=tokenizer.vocab_size,
-                             n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
-                             dropout=config.dropout, bias=config.bias)
-    model = GPT(model_config, seed=config.seed)
-    loss_fn = CrossEntropyLoss()
-    optimizer = AdamW(param_groups(model, config.weight_decay), lr=config.learning_rate,
-                      betas=(config.beta1, config.beta2))
-    schedule = WarmupCosine(config.learning_rate, config.min_lr, config.warmup_iters,
-                            config.lr_decay_iters or config.max_iters)
-    batch_rng = numpy.random.default_rng([config.seed, 1])
-    eval_rng = numpy.random.default_rng([config.seed, 2])
-    on_cpu = xp.__name__ == "numpy"  # threads share one GPU to no gain: one replica there
-    parallel = DataParallel(model, loss_fn, config.replicas if on_cpu else 1)
-    generators = {"batch": batch_rng, "eval": eval_rng, **model_generators(model), **parallel.generators()}
-    out = Path(config.out)
-    checkpoint_path = out / CHECKPOINT_NAME
-    history = History()
-    best_val, last, start, evaluated, step_ms, saved_step = math.inf, {}, 0, False, 0.0, None
-    if resume is not None:
-        resumed = Path(resume) / CHECKPOINT_NAME
-        tensors, metadata = read_checkpoint(resumed)
-        if metadata.get("vocab") != tokenizer.vocab:
-            raise CheckpointError(f"{resumed}: the text's characters differ from the checkpoint's vocabulary "
-                                  "(was --data changed?)")
-        restore(tensors, metadata, resumed, model, optimizer, generators)
-        state = metadata["state"]
-        start, evaluated, last = metadata["step"], state["evaluated"], state["last"]
-        best_val = math.inf if state["best_val"] is None else state["best_val"]
-        history, saved_step = History(state["history"]), start
-        optimizer.lr = state["lr"]
-        log(f"resumed from {resumed} at step {start}")
-    log(f"gpt {model_config.n_layer}x{model_config.n_embd} ({model.num_parameters():,} parameters), "
-        f"vocab {tokenizer.vocab_size}, {len(train_ids):,} train / {len(val_ids):,} val characters")
-
-    def save_checkpoint_at(it: int, evaluated_here: bool) -> None:
-        nonlocal saved_step
-        state = {"evaluated": evaluated_here, "last": last, "lr": optimizer.lr,  # no timings: runs must match
-                 "best_val": finite_or_none(best_val), "history": history.rows}
-        save_checkpoint(checkpoint_path, model, optimizer, generators, dataclasses.asdict(config), it, state,
-                        vocab=tokenizer.vocab)
-        saved_step = it
-
-    def kept_message() -> str:
-        if saved_step is None:
-            return "nothing was saved yet"
-        return (f"the last checkpoint (step {saved_step}) is kept in {checkpoint_path}, the best weights "
-                f"(val {best_val:.4f}) in {out / WEIGHTS_NAME}; resume with: {resume_command('gpt', out)}")
-
-    grads = [grad for _, grad in model.named_grads()]  # the same arrays every step: collected once
-    bar = progress_bar(config.max_iters, initial=start, description="train")
-    timer = StepTimer()
-    interval = config.checkpoint_interval
-    with StopRequest() as stop:
-        for it in range(start, config.max_iters + 1):
-            evaluated_here = it == start and evaluated
-            if on_iteration is not None:
-                on_iteration(it)
-            if stop.requested:  # the signal came during the last step: save before anything else
-                save_checkpoint_at(it, evaluated_here)
-                break
-            if (it % config.eval_interval == 0 or it == config.max_iters) and not evaluated_here:
-                started = time.perf_counter()
-                last = estimate_loss(parallel, {"train": train_ids, "val": val_ids}, config, eval_rng)
-                timer.start += time.perf_counter() - started  # evaluation does not count as step time
-                step_ms = timer.read_ms() if it else 0.0
-                log(f"step {it} | train {last['train']:.4f} | val {last['val']:.4f} | "
-                    f"lr {optimizer.lr:.1e} | {step_ms:.1f} ms/step", bar)
-                history.add(step=it, train=last["train"], val=last["val"], lr=optimizer.lr)
-                if not (math.isfinite(last["train"]) and math.isfinite(last["val"])):
-                    raise TrainingError(f"the evaluated loss is {last['train']} (train) / {last['val']} (val) at "
-                                        f"step {it}: the model is broken, training stopped; "
-                                        f"{kept_message()}. Lower the learning rate")
-                if last["val"] < best_val:
-                    best_val = last["val"]
-                    save_model(out / WEIGHTS_NAME, model, vocab=tokenizer.vocab, step=str(it))
-                evaluated_here = True
-                save_checkpoint_at(it, True)
-            if stop.requested and saved_step != it:
-                save_checkpoint_at(it, evaluated_here)
-            if it == config.max_iters or stop.requested:
-                break
-            optimizer.lr = schedule(it)
-            x, y = random_windows(train_ids, config.block_size, config.batch_size, batch_rng)
-            optimizer.zero_grad()
-            loss_value = parallel.forward_backward(asarray(x), asarray(y))
-            norm = math.nan
-            if math.isfinite(loss_value):
-                norm = clip_grad_norm(grads, config.grad_clip)
-            if not math.isfinite(loss_value) or not math.isfinite(norm):
-                what, value = ("loss", loss_value) if not math.isfinite(loss_value) else ("gradient norm", norm)
-                if not config.skip_nonfinite or not weights_finite(model):
-                    hint = "" if config.skip_nonfinite else ", or pass --skip-nonfinite to skip such steps"
-                    raise TrainingError(f"{what} became {value} at step {it}: training stopped; {kept_message()}. "
-                                        f"Lower the learning rate{hint}")
-                log(f"step {it} | {what} {value}: step skipped", bar)
-            else:
-                optimizer.step()
-            timer.tick()
-            if bar is not None:
-                bar.update(1)
-            if (it + 1) % config.log_interval == 0 and (it + 1) % config.eval_interval != 0:
-                history.add(step=it + 1, loss=loss_value, lr=optimizer.lr)
-            if interval and (it + 1) % interval == 0:
-                save_checkpoint_at(it + 1, False)
-    if bar is not None:
-        bar.close()
-    parallel.close()
-
-    history.write(out)
-    history.plot(out / "loss.png", ["loss", "train", "val"], "GPT on " + Path(config.data or "tiny shakespeare").name)
-    if stop.requested and saved_step < config.max_iters:
-        log(f"stopped by {stop.signal_name} at step {saved_step} of {config.max_iters}: checkpoint saved in "
-            f"{checkpoint_path}")
-        log(f"resume with: {resume_command('gpt', out)}")
-        return {"best_val": best_val, "train": last.get("train"), "val": last.get("val"), "iters": saved_step,
-                "ms_per_step": step_ms, "interrupted": True}
-    log(f"best val {best_val:.4f}; weights in {out / WEIGHTS_NAME}")
-    return {"best_val": best_val, "train": last["train"], "val": last["val"], "iters": config.max_iters,
-            "ms_per_step": step_ms}
+    return run(LanguageModelTask(config), resume=resume, on_step=on_iteration)
 
 
 def sample_file(path, prompt: str = "\n", tokens: int = 500, temperature: float = 0.8,

@@ -1,18 +1,13 @@
-"""What every training script shares: log lines, the progress bar, the history file and its plot, stop signals."""
+"""What a training run shows and records: log lines, the progress bar, step timers, the history file and its plot."""
 
 from __future__ import annotations
 
 import csv
 import json
-import math
-import shlex
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
-from mnn.backend import xp
 
 
 def progress_bar(total: int, initial: int = 0, description: str = ""):
@@ -57,7 +52,11 @@ class History:
         self.rows = list(rows or [])
 
     def add(self, **row) -> None:
-        self.rows.append(row)
+        """Append a row; a row for the step of the last one joins it (one row per step, e.g. a log and an evaluation)."""
+        if self.rows and "step" in row and self.rows[-1].get("step") == row["step"]:
+            self.rows[-1].update(row)
+        else:
+            self.rows.append(row)
 
     def write(self, folder) -> None:
         folder = Path(folder)
@@ -95,55 +94,3 @@ class History:
         figure.savefig(path, dpi=110)
         plt.close(figure)
         return Path(path)
-
-
-class StopRequest:
-    """Turns SIGINT (Ctrl-C) and SIGTERM into a request to stop at the next step boundary.
-
-    Used as a context manager around the training loop: the first signal only
-    sets :attr:`signal_name`; the loop checks :attr:`requested` after each
-    step, saves a checkpoint and returns. A second Ctrl-C raises
-    ``KeyboardInterrupt`` at once (the last checkpoint stays as it was).
-    Outside the main thread (where Python cannot install handlers) it does
-    nothing.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for number in self.SIGNALS:
-                self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-        self._previous = {}
-
-
-def resume_command(model: str, folder) -> str:
-    """The command that continues a run saved in ``folder``."""
-    return f"mnn train {model} --resume {shlex.quote(str(folder))}"
-
-
-def grad_norm(named_grads) -> float:
-    """The global L2 norm of the gradients (read only), to spot a non-finite one."""
-    total = 0.0
-    for _, grad in named_grads:
-        flat = grad.reshape(-1)
-        total += float(xp.vdot(flat, flat))
-    return math.sqrt(total)

@@ -1,0 +1,239 @@
+"""What every training run shares: stop signals, checkpoints, resume, non-finite steps, history; one loop for every task.
+
+A *task* (:mod:`mnn.train.classifier`, :mod:`mnn.train.language_model`)
+says what is particular to it: how a step's gradients are taken, when and how
+the model is evaluated, what the run returns. :func:`run` does the rest, the
+same way for every model:
+
+* step ``s`` (counted from 0) sets the learning rate ``schedule(s)``, zeroes
+  the gradients, lets the task take them, checks them, and updates;
+* after every ``log_interval`` steps: one log line and one history row (the
+  mean loss since the last row);
+* whenever ``task.evaluation_due(s)``: the task evaluates, the history gets a
+  row, and a checkpoint is written;
+* every ``checkpoint_interval`` steps, and when SIGINT (Ctrl-C) or SIGTERM
+  arrives: a checkpoint; a signal then stops the run at the step boundary and
+  names the command that resumes it, bit for bit;
+* a non-finite loss or gradient norm of step ``s`` (named ``s + task.step_base``:
+  the GPT numbers its iterations from 0 as nanoGPT does, the MLP counts steps
+  from 1) stops the run (the last checkpoint is
+  kept) or, with ``skip_nonfinite``, skips the step; a run whose every step
+  since the last evaluation was skipped stops.
+
+The loop's own state in the checkpoint: ``evaluated`` (the evaluation of this
+step is done), ``lr``, ``running`` (the losses since the last log row),
+``last_loss`` and ``history``; the task adds its own keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shlex
+import signal
+import threading
+import time
+from pathlib import Path
+
+from mnn.errors import CheckpointError, TrainingError
+from mnn.io.checkpoint import CHECKPOINT_NAME, read_checkpoint, restore, save_checkpoint, weights_finite
+from mnn.train.reporting import History, StepTimer, log, progress_bar
+
+
+class StopRequest:
+    """Turns SIGINT (Ctrl-C) and SIGTERM into a request to stop at the next step boundary.
+
+    Used as a context manager around the training loop: the first signal only
+    sets :attr:`signal_name`; the loop checks :attr:`requested` after each
+    step, saves a checkpoint and returns. A second Ctrl-C raises
+    ``KeyboardInterrupt`` at once (the last checkpoint stays as it was).
+    Outside the main thread (where Python cannot install handlers) it does
+    nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+
+def resume_command(model: str, folder) -> str:
+    """The command that continues a run saved in ``folder``."""
+    return f"mnn train {model} --resume {shlex.quote(str(folder))}"
+
+
+def loop_state(state: dict, step: int) -> dict:
+    """The loop's keys of a checkpoint's ``state``, also from files of mnn before the shared loop.
+
+    Those MLP checkpoints kept ``epoch``/``batches_done`` instead of
+    ``evaluated``: one written at an epoch's end (``batches_done == 0``) came
+    after that epoch's evaluation. GPT checkpoints kept no running losses.
+    """
+    evaluated = state["evaluated"] if "evaluated" in state else (state.get("batches_done") == 0 and step > 0)
+    return {"evaluated": bool(evaluated), "lr": state.get("lr"), "running": list(state.get("running", [])),
+            "last_loss": state.get("last_loss"), "history": list(state.get("history", []))}
+
+
+class Run:
+    """One training run of ``task``: its position, history and checkpoints (see the module docstring)."""
+
+    def __init__(self, task, resume=None, on_step=None) -> None:
+        self.task, self.config, self.on_step = task, task.config, on_step
+        self.out = Path(self.config.out)
+        self.checkpoint_path = self.out / CHECKPOINT_NAME
+        self.history, self.running, self.last_loss = History(), [], None
+        self.start, self.evaluated, self.saved_step, self.ms_per_step = 0, False, None, 0.0
+        if resume is not None:
+            self.resume(Path(resume) / CHECKPOINT_NAME)
+
+    def resume(self, path: Path) -> None:
+        task = self.task
+        tensors, metadata = read_checkpoint(path)
+        task.check_resume(metadata, path)
+        restore(tensors, metadata, path, task.model, task.optimizer, task.generators)
+        step, state = metadata["step"], metadata["state"]
+        loop = loop_state(state, step)
+        total = task.total_steps
+        if step > total or (step == total and loop["evaluated"]):
+            raise CheckpointError(
+                f"{path}: the checkpoint is at step {step}, and this run ends at step {total}: nothing to train; "
+                f"give {task.length_option} so that the run goes past step {step}")
+        self.start, self.evaluated, self.saved_step = step, loop["evaluated"], step
+        self.history, self.running, self.last_loss = History(loop["history"]), loop["running"], loop["last_loss"]
+        if loop["lr"] is not None:
+            task.optimizer.lr = loop["lr"]
+        task.load_state(state, step)
+        log(f"resumed from {path} at step {step}")
+
+    def save_checkpoint(self, step: int, evaluated: bool) -> None:
+        task = self.task
+        state = {"evaluated": evaluated, "lr": task.optimizer.lr, "running": self.running,  # no timings:
+                 "last_loss": self.last_loss, "history": self.history.rows, **task.state(step)}  # runs must match
+        save_checkpoint(self.checkpoint_path, task.model, task.optimizer, task.generators,
+                        dataclasses.asdict(self.config), step, state, **task.checkpoint_metadata())
+        self.saved_step = step
+
+    def kept_message(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint had been saved yet"
+        return (f"the last good checkpoint (step {self.saved_step}) is kept in {self.checkpoint_path}"
+                f"{self.task.weights_note()}; resume with: {resume_command(self.task.name, self.out)}")
+
+    def evaluate(self, step: int, timers: tuple, bar) -> None:
+        started = time.perf_counter()
+        metrics = self.task.evaluate(step)
+        timer = timers[0]
+        for each in timers:  # evaluation does not count as step time
+            each.start += time.perf_counter() - started
+        if step > self.start or timer.steps:
+            self.ms_per_step = timer.read_ms()
+        log(self.task.evaluation_line(step, metrics, self.ms_per_step), bar)
+        self.history.add(step=step, **self.task.row_extras(step), **metrics, lr=self.task.optimizer.lr)
+        if not all(math.isfinite(value) for value in metrics.values()):
+            listing = " / ".join(f"{value} ({name})" for name, value in metrics.items())
+            raise TrainingError(f"the evaluated {self.task.evaluation_name} is {listing} at step {step}: the model "
+                                f"is broken, training "
+                                f"stopped; {self.kept_message()}. Lower the learning rate")
+        self.task.after_evaluation(step, metrics)
+        self.save_checkpoint(step, evaluated=True)
+
+    def nonfinite(self, step: int, what: str, value, skipped_all: bool = False) -> None:
+        """Stop, or (with ``skip_nonfinite``, while the weights are finite) log and skip the step."""
+        skipping = self.config.skip_nonfinite
+        if skipping and weights_finite(self.task.model) and not skipped_all:
+            return
+        if skipped_all:
+            raise TrainingError(f"every step of {what} was skipped (non-finite loss or gradient): the "
+                                f"model is broken, training stopped; {self.kept_message()}. Lower the learning rate")
+        hint = "" if skipping else ", or pass --skip-nonfinite to skip such steps"
+        raise TrainingError(f"{what} became {value} at step {step + self.task.step_base}: training stopped; {self.kept_message()}. "
+                            f"Lower the learning rate{hint}")
+
+    def train(self) -> dict:
+        """Run to ``task.total_steps`` or a stop signal; write the history and its plot; return the task's result."""
+        task, config = self.task, self.config
+        total, interval = task.total_steps, config.checkpoint_interval
+        bar = progress_bar(total, initial=self.start, description="train")
+        timer, log_timer = StepTimer(), StepTimer()  # ms per step at evaluations / at log lines
+        skipped, last_evaluation, step = 0, self.start, self.start
+        with StopRequest() as stop:
+            for step in range(self.start, total + 1):
+                if self.on_step is not None:
+                    self.on_step(step)
+                if stop.requested:  # the signal came during the last step: save before anything else
+                    if self.saved_step != step:
+                        self.save_checkpoint(step, evaluated=False)
+                    break
+                if task.evaluation_due(step) and not (step == self.start and self.evaluated):
+                    if skipped and skipped == step - last_evaluation:
+                        self.nonfinite(step, task.stretch(last_evaluation, step), None, skipped_all=True)
+                    self.evaluate(step, (timer, log_timer), bar)
+                    skipped, last_evaluation = 0, step
+                if stop.requested and self.saved_step != step:  # the signal came during the evaluation
+                    self.save_checkpoint(step, evaluated=False)
+                if step == total or stop.requested:
+                    break
+                task.optimizer.lr = task.schedule(step)
+                task.optimizer.zero_grad()
+                loss = task.forward_backward(step)
+                norm = task.gradient_norm() if math.isfinite(loss) else math.nan
+                if not math.isfinite(loss) or not math.isfinite(norm):
+                    what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
+                    self.nonfinite(step, what, value)
+                    log(f"step {step + task.step_base} | {what} {value}: step skipped", bar)
+                    task.discard_step()
+                    skipped += 1
+                else:
+                    task.optimizer.step()
+                    self.running.append(loss)
+                    self.last_loss = loss
+                timer.tick()
+                log_timer.tick()
+                if bar is not None:
+                    bar.update(1)
+                if (step + 1) % config.log_interval == 0 and self.running:
+                    mean_loss = math.fsum(self.running) / len(self.running)
+                    self.running = []
+                    log(f"step {step + 1} | loss {mean_loss:.4f} | lr {task.optimizer.lr:.1e} | "
+                        f"{log_timer.read_ms():.1f} ms/step", bar)
+                    self.history.add(step=step + 1, **task.row_extras(step + 1), loss=mean_loss, lr=task.optimizer.lr)
+                if interval and (step + 1) % interval == 0:
+                    self.save_checkpoint(step + 1, evaluated=False)
+        if bar is not None:
+            bar.close()
+        stopped = stop.requested and step < total
+        task.finish(stopped)
+        self.history.write(self.out)
+        self.history.plot(self.out / "loss.png", task.plot_series, task.plot_title)
+        if stopped:
+            log(f"stopped by {stop.signal_name} at step {step} of {total}: checkpoint (the weights at step "
+                f"{step}, optimizer and position) saved in {self.checkpoint_path}{task.weights_note()}")
+            log(f"resume with: {resume_command(task.name, self.out)}")
+            return {**task.result_of(step, self.last_loss, self.ms_per_step), "interrupted": True}
+        return task.result_of(step, self.last_loss, self.ms_per_step)
+
+
+def run(task, resume=None, on_step=None) -> dict:
+    """Train ``task`` (resuming the run saved in the folder ``resume``, if given); see :class:`Run`."""
+    return Run(task, resume=resume, on_step=on_step).train()
