@@ -1,4 +1,4 @@
-"""Training, one loop for every task: ``loop`` (stop, checkpoint, resume, non-finite steps, history), then one file per task kind.
+"""Training: one loop for every task (``loop``), then one file per task kind.
 
 ``classifier`` trains image classifiers (the MLP), ``language_model``
 character language models (the GPT). A task says how to draw a batch, how to

@@ -209,7 +209,8 @@ class ClassifierTask:
         return ""
 
     def finish(self, stopped: bool) -> None:
-        path = save_model(Path(self.config.out) / WEIGHTS_NAME, self.model, train_config=dataclasses.asdict(self.config))
+        settings = dataclasses.asdict(self.config)
+        path = save_model(Path(self.config.out) / WEIGHTS_NAME, self.model, train_config=settings)
         log(f"saved {path}" + (" (the weights at the stop)" if stopped else ""))
 
     def result_of(self, step: int, last_loss, ms_per_step: float) -> dict:

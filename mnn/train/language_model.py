@@ -1,4 +1,4 @@
-"""Character language models: a GPT (nanoGPT's recipe) trained by the shared loop (:mod:`mnn.train.loop`), and sampled."""
+"""Character language models: a GPT (nanoGPT's recipe) trained by :mod:`mnn.train.loop`, and sampled."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What every training run shares: stop signals, checkpoints, resume, non-finite steps, history; one loop for every task.
+"""What every training run shares: stop signals, checkpoints, resume, non-finite steps, history.
 
 A *task* (:mod:`mnn.train.classifier`, :mod:`mnn.train.language_model`)
 says what is particular to it: how a step's gradients are taken, when and how
@@ -11,6 +11,7 @@ same way for every model:
   mean loss since the last row);
 * whenever ``task.evaluation_due(s)``: the task evaluates, the history gets a
   row, and a checkpoint is written;
+* the run's settings in ``config.json`` at the start (also in every checkpoint);
 * every ``checkpoint_interval`` steps, and when SIGINT (Ctrl-C) or SIGTERM
   arrives: a checkpoint; a signal then stops the run at the step boundary and
   names the command that resumes it, bit for bit;
@@ -28,6 +29,7 @@ step is done), ``lr``, ``running`` (the losses since the last log row),
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shlex
 import signal
@@ -110,8 +112,6 @@ class Run:
     def resume(self, path: Path) -> None:
         task = self.task
         tensors, metadata = read_checkpoint(path)
-        task.check_resume(metadata, path)
-        restore(tensors, metadata, path, task.model, task.optimizer, task.generators)
         step, state = metadata["step"], metadata["state"]
         loop = loop_state(state, step)
         total = task.total_steps
@@ -119,6 +119,8 @@ class Run:
             raise CheckpointError(
                 f"{path}: the checkpoint is at step {step}, and this run ends at step {total}: nothing to train; "
                 f"give {task.length_option} so that the run goes past step {step}")
+        task.check_resume(metadata, path)
+        restore(tensors, metadata, path, task.model, task.optimizer, task.generators)
         self.start, self.evaluated, self.saved_step = step, loop["evaluated"], step
         self.history, self.running, self.last_loss = History(loop["history"]), loop["running"], loop["last_loss"]
         if loop["lr"] is not None:
@@ -167,13 +169,16 @@ class Run:
             raise TrainingError(f"every step of {what} was skipped (non-finite loss or gradient): the "
                                 f"model is broken, training stopped; {self.kept_message()}. Lower the learning rate")
         hint = "" if skipping else ", or pass --skip-nonfinite to skip such steps"
-        raise TrainingError(f"{what} became {value} at step {step + self.task.step_base}: training stopped; {self.kept_message()}. "
+        named = step + self.task.step_base
+        raise TrainingError(f"{what} became {value} at step {named}: training stopped; {self.kept_message()}. "
                             f"Lower the learning rate{hint}")
 
     def train(self) -> dict:
         """Run to ``task.total_steps`` or a stop signal; write the history and its plot; return the task's result."""
         task, config = self.task, self.config
         total, interval = task.total_steps, config.checkpoint_interval
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
         bar = progress_bar(total, initial=self.start, description="train")
         timer, log_timer = StepTimer(), StepTimer()  # ms per step at evaluations / at log lines
         skipped, last_evaluation, step = 0, self.start, self.start
@@ -223,9 +228,12 @@ class Run:
         if bar is not None:
             bar.close()
         stopped = stop.requested and step < total
-        task.finish(stopped)
-        self.history.write(self.out)
-        self.history.plot(self.out / "loss.png", task.plot_series, task.plot_title)
+        with StopRequest() as late:  # a signal now waits until the weights, history and plot are written
+            task.finish(stopped)
+            self.history.write(self.out)
+            self.history.plot(self.out / "loss.png", task.plot_series, task.plot_title)
+        if late.requested:
+            log(f"{late.signal_name} came while the outputs were written: they are complete")
         if stopped:
             log(f"stopped by {stop.signal_name} at step {step} of {total}: checkpoint (the weights at step "
                 f"{step}, optimizer and position) saved in {self.checkpoint_path}{task.weights_note()}")

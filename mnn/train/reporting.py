@@ -52,7 +52,7 @@ class History:
         self.rows = list(rows or [])
 
     def add(self, **row) -> None:
-        """Append a row; a row for the step of the last one joins it (one row per step, e.g. a log and an evaluation)."""
+        """Append a row; a row for the last row's step joins it (one row per step: a log line and an evaluation)."""
         if self.rows and "step" in row and self.rows[-1].get("step") == row["step"]:
             self.rows[-1].update(row)
         else:
