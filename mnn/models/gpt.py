@@ -28,6 +28,7 @@ import numpy
 from mnn.backend import default_dtype, to_numpy, xp
 from mnn.errors import ShapeError
 from mnn.layers import GELU, Dropout, Embedding, LayerNorm, Linear, MultiHeadAttention
+from mnn.models.sampling import sample_next
 from mnn.module import Module, ModuleList, check_input, no_grad
 
 
@@ -293,16 +294,7 @@ class GPT(Module):
                         logits, past = self.forward_cached(xp.asarray(idx[:, -1:]), past)
                     if past is not None and past[0][0].shape[2] >= self.config.block_size:
                         past = None  # the window slides next step: positions change, rebuild
-                    logits = to_numpy(logits[:, -1, :]).astype(numpy.float64) / temperature
-                    if top_k is not None:
-                        k = min(int(top_k), logits.shape[-1])
-                        kth = numpy.partition(logits, -k, axis=-1)[:, [-k]]  # the k-th largest
-                        logits[logits < kth] = -numpy.inf
-                    probs = numpy.exp(logits - logits.max(axis=-1, keepdims=True))
-                    probs /= probs.sum(axis=-1, keepdims=True)
-                    cumulative = numpy.cumsum(probs, axis=-1)
-                    draws = rng.random((idx.shape[0], 1)) * cumulative[:, -1:]
-                    next_ids = (cumulative <= draws).sum(axis=-1).clip(max=probs.shape[-1] - 1)
+                    next_ids = sample_next(logits[:, -1, :], temperature, top_k, rng)
                     idx = numpy.concatenate([idx, next_ids[:, None].astype(idx.dtype)], axis=1)
         finally:
             self.train(was_training)
