@@ -17,6 +17,12 @@ skip the work their cache would have needed.
 Tied weights are one shared array (and one shared gradient array) in two
 modules, so both gradient contributions land in the same buffer.
 
+Buffers (``self.buffers``, :meth:`Module.add_buffer`) are state that is not
+learned by gradient, such as BatchNorm's running statistics: they are in
+``state_dict()`` (PyTorch's names, after the module's parameters, as in
+PyTorch) and loaded strictly, but never listed by ``named_parameters`` or
+``named_grads``, so no optimizer and no weight decay touches them.
+
 Containers (:class:`Sequential`, :class:`ModuleList`, and any module holding
 sub-modules as attributes) name parameters with dots, as PyTorch does:
 ``transformer.h.0.attn.c_attn.weight``.
@@ -64,6 +70,7 @@ class Module:
     def __init__(self) -> None:
         self.params: dict = {}
         self.grads: dict = {}
+        self.buffers: dict = {}
         self.training = True
         self.cache = None
 
@@ -101,6 +108,10 @@ class Module:
         self.params[name] = value
         self.grads[name] = xp.zeros_like(value)
 
+    def add_buffer(self, name: str, value) -> None:
+        """Register ``value`` as a buffer: saved and loaded with the state dict, not a parameter, no gradient."""
+        self.buffers[name] = value
+
     def tie_parameter(self, name: str, owner: "Module", owner_name: str) -> None:
         """Share ``owner.params[owner_name]`` (and its gradient buffer) as ``self.params[name]``."""
         self.params[name] = owner.params[owner_name]
@@ -135,6 +146,10 @@ class Module:
         """``(dotted name, gradient array)`` in the same order as :meth:`named_parameters`."""
         return list(self._named("grads", unique=True))
 
+    def named_buffers(self) -> list[tuple[str, object]]:
+        """``(dotted name, array)`` for every buffer (running statistics), as ``torch.nn.Module.named_buffers``."""
+        return list(self._named("buffers", unique=True))
+
     def num_parameters(self) -> int:
         return sum(int(p.size) for _, p in self.named_parameters())
 
@@ -157,8 +172,15 @@ class Module:
 
     # -- state dicts -----------------------------------------------------
     def state_dict(self) -> dict:
-        """Every parameter by dotted name; tied arrays appear under each name (as in PyTorch)."""
-        return dict(self._named("params", unique=False))
+        """Every parameter and buffer by dotted name, module by module, parameters first (PyTorch's order).
+
+        Tied arrays appear under each name (as in PyTorch).
+        """
+        state = {}
+        for prefix, module in self.named_modules():
+            for key, value in [*module.params.items(), *module.buffers.items()]:
+                state[f"{prefix}.{key}" if prefix else key] = value
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Copy ``state`` into the parameters, in place, strictly.
@@ -172,7 +194,7 @@ class Module:
         own = self.state_dict()
         check_state(type(self).__name__, own, state)
         for name, param in own.items():
-            param[...] = xp.asarray(state[name], dtype=param.dtype)
+            param[...] = xp.asarray(state[name], dtype=param.dtype)  # in place: buffers of 0-d included
 
     def extra_repr(self) -> str:
         return ""

@@ -28,6 +28,10 @@ from mnn.module import Module, no_grad
 def share_weights(model: Module) -> Module:
     """A replica of ``model``: the same parameter arrays, its own gradient buffers, caches and dropout generators.
 
+    Buffers (BatchNorm's running statistics) are the replica's own copies;
+    :class:`DataParallel` copies the model's into them before every pass, as
+    ``torch.nn.DataParallel`` broadcasts from device 0.
+
     Tied parameters stay tied in the replica (one gradient buffer). Each
     distinct ``numpy.random.Generator`` the model's modules hold as ``.rng``
     gets an independent child stream (``Generator.spawn``), so the replica's
@@ -73,6 +77,12 @@ class DataParallel:
             (every mnn loss); copied for each replica.
         replicas: how many slices (and threads); 1 runs the plain loop.
 
+    Buffers, as in ``torch.nn.DataParallel``: before every pass the model's
+    buffers are copied into the replicas', and only the model's own update
+    is kept, so BatchNorm's running statistics follow replica 0's shard (the
+    replicas' updates from their shards are discarded at the next copy).
+    Batch statistics in training are per shard, as there.
+
     While a call runs, numpy's BLAS is limited to one thread per call
     (threadpoolctl), so that replicas do not oversubscribe the cores.
     """
@@ -110,6 +120,9 @@ class DataParallel:
 
     def _map(self, work, shards: list) -> dict:
         """``{k: work(k, shard)}`` for every non-empty shard ``k``, the first on this thread, the others in threads."""
+        for replica in self.models[1:]:  # broadcast the buffers from replica 0 (running statistics)
+            for (_, own), (_, theirs) in zip(replica.named_buffers(), self.model.named_buffers()):
+                own[...] = theirs
         jobs = [(k, shard) for k, shard in enumerate(shards) if len(shard[0])]
         if self._pool is None or len(jobs) == 1:
             return {k: work(k, shard) for k, shard in jobs}

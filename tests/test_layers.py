@@ -7,7 +7,20 @@ import torch
 import mnn
 from mnn import jit
 from mnn.errors import InputError, ShapeError
-from mnn.layers import Dropout, Linear, Log, LogSoftmax, MatrixProduct, ReLU, Sigmoid, Softmax, Tanh
+from mnn.layers import (
+    ELU,
+    Dropout,
+    LeakyReLU,
+    Linear,
+    Log,
+    LogSoftmax,
+    MatrixProduct,
+    ReLU,
+    Sigmoid,
+    SiLU,
+    Softmax,
+    Tanh,
+)
 from mnn.losses import CrossEntropyLoss, MSELoss, NLLLoss
 from mnn.module import Sequential
 
@@ -36,6 +49,9 @@ ELEMENTWISE = {
     "Log": (Log, torch.log, positive),
     "Softmax": (Softmax, lambda t: torch.softmax(t, dim=-1), normal),
     "LogSoftmax": (LogSoftmax, lambda t: torch.log_softmax(t, dim=-1), normal),
+    "LeakyReLU": (lambda: LeakyReLU(0.2), lambda t: torch.nn.functional.leaky_relu(t, 0.2), normal),
+    "SiLU": (SiLU, torch.nn.functional.silu, normal),
+    "ELU": (lambda: ELU(0.7), lambda t: torch.nn.functional.elu(t, 0.7), normal),
 }
 
 
@@ -45,7 +61,7 @@ ELEMENTWISE = {
 def test_elementwise_gradcheck(name, batch, compute_path):
     make, _, sample = ELEMENTWISE[name]
     x = sample(batch + (4,))
-    if name == "ReLU":  # keep clear of the kink at 0, where the derivative jumps
+    if name in ("ReLU", "LeakyReLU", "ELU"):  # keep clear of the kink at 0, where the derivative jumps
         x[np.abs(x) < 1e-3] = 0.5
     errors = mnn.gradcheck(make(), x)
     assert max(errors.values()) <= 1e-7

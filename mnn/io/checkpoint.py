@@ -130,6 +130,9 @@ def _state_problems(own: dict, state: dict, floating: bool) -> list[str]:
         array = state[key]
         if tuple(array.shape) != tuple(own[key].shape):
             problems.append(f"{key}: expected shape {tuple(own[key].shape)}, got {tuple(array.shape)}")
+        elif floating and key != "step" and numpy.issubdtype(own[key].dtype, numpy.integer):
+            if not numpy.issubdtype(array.dtype, numpy.integer):  # an integer buffer: num_batches_tracked
+                problems.append(f"{key}: dtype {array.dtype.name}, expected an integer")
         elif floating and key != "step" and not numpy.issubdtype(array.dtype, numpy.floating):
             problems.append(f"{key}: dtype {array.dtype.name}, expected floating point")
         elif floating and key != "step" and not numpy.isfinite(array).all():

@@ -31,8 +31,13 @@ def save_model(path, model, **extra_metadata) -> Path:
 
 
 def check_weights(tensors: dict, name: str) -> None:
-    """Refuse weights that are not floating point or hold NaN/inf (mnn never writes those)."""
+    """Refuse weights that are not floating point or hold NaN/inf (mnn never writes those).
+
+    The one integer entry allowed is BatchNorm's ``num_batches_tracked`` buffer (int64, as PyTorch's).
+    """
     for key, array in tensors.items():
+        if key.rsplit(".", 1)[-1] == "num_batches_tracked" and numpy.issubdtype(array.dtype, numpy.integer):
+            continue
         if not numpy.issubdtype(array.dtype, numpy.floating):
             raise CheckpointError(f"{name}: weight {key!r} has dtype {array.dtype.name}, expected floating point")
         if not numpy.isfinite(array).all():

@@ -6,17 +6,23 @@ Read them in this order: ``linear`` (the exemplar), ``activation``,
 layers with their compiled loops (:mod:`mnn.jit`) beside them.
 """
 
-from mnn.layers.activation import GELU, Log, ReLU, Sigmoid, Tanh
+from mnn.layers.activation import ELU, GELU, LeakyReLU, Log, ReLU, Sigmoid, SiLU, Tanh
 from mnn.layers.attention import MultiHeadAttention
+from mnn.layers.batchnorm import BatchNorm1d, BatchNorm2d
+from mnn.layers.conv import Conv2d
 from mnn.layers.dropout import Dropout
 from mnn.layers.embedding import Embedding
+from mnn.layers.flatten import Flatten
 from mnn.layers.gru import GRU
 from mnn.layers.linear import Linear
 from mnn.layers.lstm import LSTM
 from mnn.layers.matmul import MatrixProduct
 from mnn.layers.normalization import LayerNorm
+from mnn.layers.pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 from mnn.layers.rnn import RNN
 from mnn.layers.softmax import LogSoftmax, Softmax
 
-__all__ = ["GELU", "GRU", "LSTM", "RNN", "Dropout", "Embedding", "LayerNorm", "Linear", "Log", "LogSoftmax",
-           "MatrixProduct", "MultiHeadAttention", "ReLU", "Sigmoid", "Softmax", "Tanh"]
+__all__ = ["ELU", "GELU", "GRU", "LSTM", "RNN", "AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm1d",
+           "BatchNorm2d", "Conv2d", "Dropout", "Embedding", "Flatten", "LayerNorm", "LeakyReLU", "Linear",
+           "Log", "LogSoftmax", "MatrixProduct", "MaxPool2d", "MultiHeadAttention", "ReLU", "SiLU",
+           "Sigmoid", "Softmax", "Tanh"]

@@ -1,4 +1,4 @@
-r"""Element-wise activations: ReLU, Sigmoid, Tanh, Log and GELU.
+r"""Element-wise activations: ReLU, LeakyReLU, Sigmoid, Tanh, Log, GELU, SiLU and ELU.
 
 Each has a diagonal Jacobian, so its vector-Jacobian product is an
 element-wise product with the local derivative; the docstrings derive it
@@ -302,3 +302,109 @@ def _gelu_backward_kernel(x, gate, dy, dx, one, s2, s6c):
         a = gate[i]
         slope = (xi * xi * s6c + s2) * xi * a * (one - a) + a  # Eq. (2)
         dx[i] = slope * dy[i]  # Eq. (3)
+
+
+class LeakyReLU(Module):
+    r"""ReLU with a small slope $\alpha$ for negative inputs, element-wise: $y = \max(x, 0) + \alpha \min(x, 0)$.
+
+    $$
+    y_i = \begin{cases} x_i & x_i > 0 \\ \alpha\, x_i & x_i \le 0 \end{cases} \tag{1}
+    $$
+
+    Backward. The Jacobian is diagonal,
+    $\partial y_i / \partial x_j = \delta_{ij}\,(\mathbb{1}[x_i > 0] + \alpha\, \mathbb{1}[x_i \le 0])$, so
+
+    $$
+    \frac{\partial L}{\partial x} = g \odot s, \qquad s_i = \begin{cases} 1 & x_i > 0 \\ \alpha & x_i \le 0 \end{cases} \tag{2}
+    $$
+
+    (slope $\alpha$ at $x = 0$, as PyTorch). Cache: the boolean mask $\mathbb{1}[x > 0]$.
+
+    Args:
+        negative_slope: $\alpha$.
+    """
+
+    def __init__(self, negative_slope: float = 0.01) -> None:
+        super().__init__()
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x):
+        mask = x > 0
+        self.cache = mask
+        return xp.where(mask, x, x * x.dtype.type(self.negative_slope))  # Eq. (1)
+
+    def backward(self, dy):
+        mask = self.pop_cache()
+        check_output_grad(self, dy, mask.shape)
+        return xp.where(mask, dy, dy * dy.dtype.type(self.negative_slope))  # Eq. (2)
+
+    def extra_repr(self) -> str:
+        return f"negative_slope={self.negative_slope}"
+
+
+class SiLU(Module):
+    r"""Sigmoid-weighted linear unit (swish), element-wise: $y = x\, \sigma(x)$.
+
+    $$
+    y_i = x_i\, \sigma(x_i), \qquad \sigma(x) = \tfrac12\big(1 + \tanh(x/2)\big). \tag{1}
+    $$
+
+    Backward. Product rule with $\sigma' = \sigma(1 - \sigma)$; the Jacobian is diagonal and
+
+    $$
+    \frac{\partial L}{\partial x} = g \odot \big(\sigma(x) + x\, \sigma(x)(1 - \sigma(x))\big)
+    = g \odot \sigma(x)\big(1 + x(1 - \sigma(x))\big). \tag{2}
+    $$
+
+    Cache: the input $x$ and $\sigma(x)$.
+    """
+
+    def forward(self, x):
+        gate = 0.5 * (1.0 + xp.tanh(0.5 * x))  # Eq. (1): sigma(x), never overflows
+        self.cache = (x, gate)
+        return x * gate  # Eq. (1)
+
+    def backward(self, dy):
+        x, gate = self.pop_cache()
+        check_output_grad(self, dy, x.shape)
+        return dy * gate * (1.0 + x * (1.0 - gate))  # Eq. (2)
+
+
+class ELU(Module):
+    r"""Exponential linear unit, element-wise: $y = x$ for $x > 0$, $\alpha(e^x - 1)$ otherwise.
+
+    $$
+    y_i = \begin{cases} x_i & x_i > 0 \\ \alpha\,(e^{x_i} - 1) & x_i \le 0 \end{cases} \tag{1}
+    $$
+
+    Backward. The Jacobian is diagonal; for $x \le 0$ the derivative
+    $\alpha e^{x}$ equals $y + \alpha$, so no exponential is recomputed:
+
+    $$
+    \frac{\partial L}{\partial x} = g \odot \begin{cases} 1 & x_i > 0 \\ y_i + \alpha & x_i \le 0 \end{cases} \tag{2}
+    $$
+
+    Cache: the output $y$ and the mask $\mathbb{1}[x > 0]$.
+
+    Args:
+        alpha: $\alpha$.
+    """
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        super().__init__()
+        self.alpha = float(alpha)
+
+    def forward(self, x):
+        mask = x > 0
+        alpha = x.dtype.type(self.alpha)
+        y = xp.where(mask, x, alpha * xp.expm1(xp.minimum(x, 0)))  # Eq. (1); min keeps exp from overflowing
+        self.cache = (y, mask)
+        return y
+
+    def backward(self, dy):
+        y, mask = self.pop_cache()
+        check_output_grad(self, dy, y.shape)
+        return xp.where(mask, dy, dy * (y + y.dtype.type(self.alpha)))  # Eq. (2)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}"
