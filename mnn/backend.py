@@ -31,6 +31,10 @@ class _ArrayModule:
         self._module = numpy
 
     def __getattr__(self, name: str):
+        if _environment_problem is not None:  # MNN_DEVICE named no usable device, and use() was not called
+            from mnn.errors import MnnError  # noqa: PLC0415
+
+            raise MnnError(_environment_problem)
         return getattr(self._module, name)
 
     def __repr__(self) -> str:
@@ -40,6 +44,7 @@ class _ArrayModule:
 xp = _ArrayModule()
 _default_dtype = numpy.float32
 device = "cpu"
+_environment_problem: str | None = None  # why MNN_DEVICE could not be used (raised on the first use of xp)
 
 
 def use(name: str) -> None:
@@ -49,20 +54,44 @@ def use(name: str) -> None:
         ValueError: for any other name.
         RuntimeError: when ``"gpu"`` is asked for and CuPy cannot be imported.
     """
-    global device
+    global device, _environment_problem
     if name == "cpu":
         xp._module = numpy
     elif name == "gpu":
         try:
             import cupy  # noqa: PLC0415 - optional, imported only on request
         except ImportError as error:
-            raise RuntimeError(
-                "device 'gpu' needs CuPy: pip install 'manual-nn[gpu]'"
-            ) from error
+            raise RuntimeError("CuPy is not installed: pip install 'manual-nn[gpu]' (device 'gpu' computes "
+                               "with CuPy)") from error
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as error:  # noqa: BLE001 - CUDA's own errors: no driver, no device
+            raise RuntimeError(f"CuPy is installed but finds no usable GPU ({error})") from error
+        if count < 1:
+            raise RuntimeError("CuPy is installed but finds no GPU")
         xp._module = cupy
     else:
         raise ValueError(f"unknown device {name!r}: expected 'cpu' or 'gpu'")
-    device = name
+    device, _environment_problem = name, None
+
+
+def _use_environment() -> None:
+    """Select the device ``MNN_DEVICE`` names; a bad value is kept as the error the first use of ``xp`` raises.
+
+    Raising here would make ``import mnn`` itself fail with a traceback from
+    deep inside the import (and the ``mnn`` command could not say it in one
+    line); :func:`use` afterwards replaces the choice and clears the error.
+    """
+    global _environment_problem
+    name = os.environ.get("MNN_DEVICE", "")
+    if not name:
+        return
+    try:
+        use(name)
+    except ValueError:
+        _environment_problem = f"MNN_DEVICE={name!r} is not a device: expected 'cpu' or 'gpu' (or unset it)"
+    except RuntimeError as error:
+        _environment_problem = f"MNN_DEVICE={name}: {error}; or set MNN_DEVICE=cpu"
 
 
 def default_dtype():
@@ -121,5 +150,4 @@ def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 51
 
 MALLOC_RETAINS_FREED_MEMORY = retain_freed_memory()  # whether the call above took effect in this process
 
-if os.environ.get("MNN_DEVICE"):
-    use(os.environ["MNN_DEVICE"])
+_use_environment()

@@ -1,145 +1,242 @@
-"""The ``mnn`` command: ``mnn train mlp|gpt``, ``mnn eval``, ``mnn sample``.
+"""The ``mnn`` command: ``mnn train mlp|gpt``, ``mnn eval``, ``mnn sample``, ``mnn export``, ``mnn import``.
 
 Every error a user can cause ends in one line on stderr and exit status 2,
 never a traceback. Ctrl-C or SIGTERM during training saves a checkpoint and
-exits 0 with the command that resumes the run (``--resume DIR``).
+exits 0 with the command that resumes the run (``--resume DIR``). The
+commands that read a model are in :mod:`mnn._commands`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import sys
+import textwrap
+from pathlib import Path
 
-from mnn import backend
+from mnn import __version__, backend
 from mnn.errors import MnnError
+
+FORMATTER = argparse.RawDescriptionHelpFormatter
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line: ``mnn: error: ...``."""
+    """An argument parser whose errors are one line that names the option first: ``mnn: error: --seed: ...``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", FORMATTER)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
+        named = re.match(r"argument ([^:]+): (.*)", message, re.S)
+        if named:
+            option = named.group(1).split("/")[-1]  # "-h/--help" -> "--help"
+            message = f"{option if option.startswith('-') else self.prog}: {named.group(2)}"
         self.exit(2, f"mnn: error: {message}\n")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def checked(kind: str, convert, accept):
+    """An argparse type: ``convert`` the text, keep it if ``accept(value)``, else "expected a KIND, got TEXT"."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text}")
+        return value
+    return parse
 
 
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+INF = float("inf")
+positive_int = checked("a positive integer", int, lambda v: v >= 1)
+non_negative_int = checked("a non-negative integer", int, lambda v: v >= 0)
+positive_float = checked("a positive number", float, lambda v: 0 < v < INF)
+non_negative_float = checked("a non-negative number", float, lambda v: 0 <= v < INF)
+probability = checked("a probability in [0, 1)", float, lambda v: 0 <= v < 1)
 
 
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
-    return value
+def text_file(text: str) -> str:
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder, expected a text file")
+    return text
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
+def folder(text: str) -> str:
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder (give the folder that holds the four "
+                                         "IDX files)")
+    return text
 
 
-def probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+def shown(value) -> str:
+    """A default as the user would type it."""
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-# argparse names the type in its message ("invalid positive_int value"); say it plainly.
-positive_int.__name__ = "positive integer"
-positive_float.__name__ = "positive number"
-non_negative_float.__name__ = "non-negative number"
-non_negative_int.__name__ = "non-negative integer"
-probability.__name__ = "probability"
+def preset_defaults(config_class, presets: dict, default_preset: str) -> dict:
+    """Every option's value when none is given: the config's defaults, then the default preset's."""
+    base = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(config_class)}
+    return {**base, **presets[default_preset]}
 
 
-def add_mlp_parser(train) -> None:
-    from mnn.train.classifier import PRESETS  # noqa: PLC0415
-
-    mlp = train.add_parser("mlp", help="an MLP classifier on Fashion-MNIST or MNIST")
-    mlp.add_argument("--preset", choices=sorted(PRESETS),
-                     help="a named recipe (default: 'default'); other flags override it")
-    mlp.add_argument("--dataset", choices=["fashion-mnist", "mnist"])
-    mlp.add_argument("--data-dir", help="folder with the four IDX files (default: found or downloaded)")
-    mlp.add_argument("--hidden", type=positive_int, nargs="+", help="hidden layer sizes, e.g. --hidden 512 256")
-    mlp.add_argument("--activation", choices=["relu", "tanh", "sigmoid"])
-    mlp.add_argument("--dropout", type=probability)
-    mlp.add_argument("--epochs", type=positive_int)
-    mlp.add_argument("--batch-size", type=positive_int)
-    mlp.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
-    mlp.add_argument("--lr", type=positive_float)
-    mlp.add_argument("--weight-decay", type=non_negative_float)
-    mlp.add_argument("--schedule", choices=["constant", "cosine"])
-    mlp.add_argument("--seed", type=non_negative_int)
-    mlp.add_argument("--log-interval", type=positive_int)
-    mlp.add_argument("--out", help="output folder (default runs/mlp)")
-    add_checkpoint_options(mlp, "mlp", "after every epoch")
+def presets_epilog(presets: dict, default_preset: str) -> str:
+    lines = ["presets (--preset NAME sets these options; options given as well override them):"]
+    for name, settings in presets.items():
+        listed = ", ".join(f"{key}={value}" for key, value in settings.items()) or "the defaults above"
+        label = f"{name} (default)" if name == default_preset else name
+        lines.append(textwrap.fill(f"{label}: {listed}", 100, initial_indent="  ", subsequent_indent="    "))
+    return "\n".join(lines)
 
 
-def add_gpt_parser(train) -> None:
-    from mnn.train.language_model import PRESETS  # noqa: PLC0415
-
-    gpt = train.add_parser("gpt", help="a character-level GPT on a text file (default: tiny Shakespeare)")
-    gpt.add_argument("--preset", choices=sorted(PRESETS),
-                     help="a named recipe (default: shakespeare-char-cpu); other flags override it")
-    gpt.add_argument("--data", help="a UTF-8 text file (default: tiny Shakespeare, downloaded and checked)")
-    gpt.add_argument("--out", help="output folder (default runs/gpt)")
-    for flag in ("block-size", "n-layer", "n-head", "n-embd", "batch-size", "max-iters",
-                 "warmup-iters", "lr-decay-iters", "eval-interval", "eval-iters", "log-interval"):
-        gpt.add_argument(f"--{flag}", type=positive_int)
-    for flag in ("learning-rate", "min-lr", "grad-clip"):
-        gpt.add_argument(f"--{flag}", type=positive_float)
-    gpt.add_argument("--weight-decay", type=non_negative_float)
-    gpt.add_argument("--dropout", type=probability)
-    gpt.add_argument("--seed", type=non_negative_int)
-    gpt.add_argument("--replicas", type=positive_int,
-                     help="slices of each batch trained at once, one thread each (default 2; see mnn.parallel)")
-    add_checkpoint_options(gpt, "gpt", "after every evaluation")
+def add_options(parser, options: list, defaults: dict, default_preset: str) -> None:
+    """``(flag, type, help)`` rows, each help ending with its default (the default preset's value)."""
+    for flag, kind, text in options:
+        name = flag[2:].replace("-", "_")
+        value = defaults.get(name)
+        extra = {"choices": kind} if isinstance(kind, list) else {"type": kind}
+        if name == "hidden":
+            extra["nargs"] = "+"
+        note = f" (default: {shown(value)}, from preset {default_preset})" if value is not None else ""
+        parser.add_argument(flag, help=text + note, **extra)
 
 
-def add_checkpoint_options(parser, model: str, when: str) -> None:
+def device_options() -> argparse.ArgumentParser:
+    """``--device``, accepted before the command and after it (on every subcommand)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--device", choices=["cpu", "gpu"], default=argparse.SUPPRESS,
+                        help="cpu (numpy) or gpu (CuPy) (default: $MNN_DEVICE, else cpu)")
+    return parent
+
+
+MLP_OPTIONS = [
+    ("--dataset", ["fashion-mnist", "mnist"], "the images"),
+    ("--data-dir", folder, "folder with the four IDX files (if not given: found in the cache or downloaded)"),
+    ("--hidden", positive_int, "hidden layer sizes, e.g. --hidden 512 256"),
+    ("--activation", ["relu", "tanh", "sigmoid"], "the hidden layers' activation"),
+    ("--dropout", probability, "dropout after each hidden layer"),
+    ("--epochs", positive_int, "passes over the training images"),
+    ("--batch-size", positive_int, "images per step"),
+    ("--optimizer", ["sgd", "adam", "adamw"], "the update rule"),
+    ("--lr", positive_float, "learning rate (the peak, with a schedule)"),
+    ("--weight-decay", non_negative_float, "weight decay"),
+    ("--schedule", ["constant", "cosine"], "learning-rate schedule"),
+    ("--seed", non_negative_int, "seed of the initial weights, the batch order and dropout"),
+    ("--log-interval", positive_int, "steps between log lines"),
+    ("--out", str, "output folder"),
+]
+
+GPT_OPTIONS = [
+    ("--data", text_file, "a UTF-8 text file (if not given: tiny Shakespeare, downloaded and checked)"),
+    ("--out", str, "output folder"),
+    ("--block-size", positive_int, "context length in characters"),
+    ("--n-layer", positive_int, "transformer blocks"),
+    ("--n-head", positive_int, "attention heads (must divide --n-embd)"),
+    ("--n-embd", positive_int, "embedding width"),
+    ("--batch-size", positive_int, "windows per step"),
+    ("--max-iters", positive_int, "training iterations"),
+    ("--warmup-iters", positive_int, "iterations of linear learning-rate warm-up"),
+    ("--lr-decay-iters", positive_int, "iteration where the cosine decay ends (if not given: --max-iters)"),
+    ("--eval-interval", positive_int, "iterations between evaluations (and checkpoints)"),
+    ("--eval-iters", positive_int, "batches per split in each evaluation"),
+    ("--log-interval", positive_int, "iterations between log lines"),
+    ("--learning-rate", positive_float, "peak learning rate"),
+    ("--min-lr", positive_float, "learning rate at the end of the decay"),
+    ("--grad-clip", positive_float, "clip the global gradient norm to this"),
+    ("--weight-decay", non_negative_float, "AdamW weight decay on the matrices"),
+    ("--dropout", probability, "dropout probability"),
+    ("--seed", non_negative_int, "seed of the initial weights, batches and dropout"),
+    ("--replicas", positive_int, "slices of each batch trained at once, one thread each (see mnn.parallel)"),
+]
+
+
+def add_train_parser(train, model: str, devices, options: list, help_text: str) -> None:
+    if model == "mlp":
+        from mnn.train.classifier import PRESETS, MLPTrainConfig as config_class  # noqa: PLC0415, N813
+    else:
+        from mnn.train.language_model import PRESETS, GPTTrainConfig as config_class  # noqa: PLC0415, N813
+    default = DEFAULT_PRESET[model]
+    parser = train.add_parser(model, help=help_text, description=help_text, parents=[devices],
+                              epilog=presets_epilog(PRESETS, default))
+    parser.add_argument("--preset", choices=list(PRESETS),
+                        help=f"a named recipe, listed below (default: {default}); options given override it")
+    add_options(parser, options, preset_defaults(config_class, PRESETS, default), default)
+    when = "after every epoch" if model == "mlp" else "after every evaluation"
     parser.add_argument("--resume", metavar="DIR",
                         help="continue the run saved in DIR (its checkpoint.safetensors) with its options; "
                              "options given again override them (e.g. a larger --max-iters)")
     parser.add_argument("--checkpoint-interval", type=positive_int, metavar="STEPS",
-                        help=f"also save a checkpoint every STEPS steps (one is always saved {when}, "
-                             f"and on Ctrl-C or SIGTERM)")
+                        help=f"also save a checkpoint every STEPS steps (default: none; one is always saved "
+                             f"{when}, and on Ctrl-C or SIGTERM)")
     parser.add_argument("--skip-nonfinite", action="store_true", default=None,
-                        help="skip a step whose loss or gradient is NaN or infinite instead of stopping")
+                        help="skip a step whose loss or gradient is NaN or infinite instead of stopping "
+                             "(default: stop)")
+
+
+DEFAULT_PRESET = {"mlp": "default", "gpt": "shakespeare-char-cpu"}
+MODEL_HELP = "a weights file, a checkpoint.safetensors, or a run folder (its model.safetensors)"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    devices = device_options()
     parser = OneLineParser(prog="mnn", description="Manual Neural Networks: train and use hand-derived models.")
-    parser.add_argument("--device", choices=["cpu", "gpu"], default=None, help="cpu (numpy) or gpu (CuPy)")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    parser.add_argument("--version", action="version", version=f"mnn {__version__}")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default=None,
+                        help="cpu (numpy) or gpu (CuPy) (default: $MNN_DEVICE, else cpu)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser,
+                                     title="commands (mnn COMMAND --help for each one's options)")
 
-    train = commands.add_parser("train", help="train a model").add_subparsers(
-        dest="model", required=True, parser_class=OneLineParser)
-    add_mlp_parser(train)
-    add_gpt_parser(train)
+    train = commands.add_parser("train", help="train a model", description="Train a model.")
+    models = train.add_subparsers(dest="model", metavar="MODEL", parser_class=OneLineParser, title="models")
+    add_train_parser(models, "mlp", devices, MLP_OPTIONS, "an MLP classifier on Fashion-MNIST or MNIST")
+    add_train_parser(models, "gpt", devices, GPT_OPTIONS,
+                     "a character-level GPT on a text file (default: tiny Shakespeare)")
 
-    evaluate = commands.add_parser("eval", help="test accuracy of a saved MLP")
-    evaluate.add_argument("weights", help="a model.safetensors written by 'mnn train mlp'")
-    evaluate.add_argument("--data-dir", help="folder with the four IDX files")
+    evaluate = commands.add_parser("eval", parents=[devices], help="test accuracy of an MLP, val loss of a GPT",
+                                   description="An MLP: its test accuracy. A GPT: its loss and perplexity on the "
+                                               "val split (the last 10%%) of its text, over every window.")
+    evaluate.add_argument("weights", metavar="MODEL", help=MODEL_HELP)
+    evaluate.add_argument("--data-dir", type=folder, help="an MLP's folder with the four IDX files "
+                                                          "(default: found in the cache or downloaded)")
+    evaluate.add_argument("--data", type=text_file, help="a GPT's text file (default: the run's --data, else "
+                                                         "tiny Shakespeare)")
 
-    sample = commands.add_parser("sample", help="generate text from a saved character-level GPT")
-    sample.add_argument("weights", help="a model.safetensors written by 'mnn train gpt'")
-    sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    sample.add_argument("--tokens", type=positive_int, default=500, help="characters to generate")
-    sample.add_argument("--temperature", type=positive_float, default=0.8)
-    sample.add_argument("--top-k", type=positive_int, default=40)
-    sample.add_argument("--seed", type=int, default=1)
+    sample = commands.add_parser("sample", parents=[devices], help="generate text from a character-level GPT",
+                                 description="Generate text from a character-level GPT; the text goes to stdout.")
+    sample.add_argument("weights", metavar="MODEL", help=MODEL_HELP)
+    prompt = sample.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    prompt.add_argument("--prompt-file", metavar="PATH", help="read the prompt from PATH ('-': standard input)")
+    sample.add_argument("--tokens", type=positive_int, default=500, help="characters to generate (default: 500)")
+    sample.add_argument("--num-samples", type=positive_int, default=1,
+                        help="samples to draw, separated by a line of dashes (default: 1)")
+    sample.add_argument("--temperature", type=positive_float, default=0.8, help="(default: 0.8)")
+    sample.add_argument("--top-k", type=positive_int, default=40, help="draw among the k likeliest (default: 40)")
+    sample.add_argument("--seed", type=non_negative_int, default=1, help="(default: 1)")
+    sample.add_argument("--out", metavar="FILE", help="write the text to FILE (default: standard output)")
+
+    export = commands.add_parser("export", parents=[devices], help="write a GPT for PyTorch (nanoGPT names)",
+                                 description="Write an mnn GPT as nanoGPT's state dict in safetensors, with the "
+                                             "character vocabulary in its metadata ('vocab').")
+    export.add_argument("weights", metavar="FILE", help=MODEL_HELP)
+    export.add_argument("--to", choices=["pytorch"], required=True, help="the format (nanoGPT's names)")
+    export.add_argument("out", metavar="OUT", help="the safetensors file to write")
+    export.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="(default: float32)")
+
+    imports = commands.add_parser("import", parents=[devices], help="read a nanoGPT safetensors into mnn weights",
+                                  description="Build mnn weights from a nanoGPT state dict saved as safetensors.")
+    imports.add_argument("weights", metavar="FILE", help="a nanoGPT state dict in safetensors")
+    imports.add_argument("out", metavar="OUT", help="the mnn weights file to write")
+    imports.add_argument("--n-head", type=positive_int,
+                         help="attention heads (default: from the file's config; a plain state dict has none)")
+    imports.add_argument("--vocab-text", type=text_file, metavar="FILE",
+                         help="the text the model was trained on: its sorted characters are the vocabulary "
+                              "(default: the file's 'vocab' metadata)")
+    parser.subcommand_parsers = {"": parser, "train": train}
     return parser
 
 
@@ -173,33 +270,43 @@ def run(args) -> int:
     if args.command == "train" and args.model == "mlp":
         from mnn.train.classifier import PRESETS, MLPTrainConfig, train_mlp  # noqa: PLC0415
 
-        config, resume = train_config(args, MLPTrainConfig, PRESETS, "default")
+        config, resume = train_config(args, MLPTrainConfig, PRESETS, DEFAULT_PRESET["mlp"])
         train_mlp(config, resume=resume)
         return 0
     if args.command == "train" and args.model == "gpt":
         from mnn.train.language_model import PRESETS, GPTTrainConfig, train_gpt  # noqa: PLC0415
 
-        config, resume = train_config(args, GPTTrainConfig, PRESETS, "shakespeare-char-cpu")
+        config, resume = train_config(args, GPTTrainConfig, PRESETS, DEFAULT_PRESET["gpt"])
         train_gpt(config, resume=resume)
         return 0
-    if args.command == "sample":
-        from mnn.train.language_model import sample_file  # noqa: PLC0415
+    from mnn import _commands  # noqa: PLC0415
 
-        print(sample_file(args.weights, args.prompt, args.tokens, args.temperature, args.top_k, args.seed))
-        return 0
-    if args.command == "eval":
-        from mnn.train.classifier import evaluate_file  # noqa: PLC0415
+    return getattr(_commands, args.command if args.command != "import" else "import_")(args)
 
-        print(f"test_acc {evaluate_file(args.weights, args.data_dir):.4f}")
-        return 0
-    raise AssertionError(f"unhandled command {args}")  # pragma: no cover - argparse enforces the choices
+
+def select_device(args) -> None:
+    """``--device`` (before or after the command) wins; else ``MNN_DEVICE``, whose problem is said here."""
+    if getattr(args, "device", None):
+        try:
+            backend.use(args.device)
+        except (ValueError, RuntimeError) as error:
+            raise MnnError(f"--device {args.device}: {error}") from None
+    elif backend._environment_problem is not None:  # noqa: SLF001 - the CLI reports what the import kept
+        raise MnnError(backend._environment_problem)  # noqa: SLF001
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    missing = "command" if args.command is None else "model" if args.command == "train" and not args.model else ""
+    if missing:
+        sub = parser.subcommand_parsers["" if missing == "command" else "train"]
+        choices = "train, eval, sample, export, import" if missing == "command" else "mlp, gpt"
+        sys.stderr.write(sub.format_help())
+        print(f"mnn: error: {sub.prog}: give a {missing.upper()}: one of {choices}", file=sys.stderr)
+        return 2
     try:
-        if args.device:
-            backend.use(args.device)
+        select_device(args)
         return run(args)
     except (MnnError, ValueError, OSError, RuntimeError) as error:
         print(f"mnn: error: {error}", file=sys.stderr)

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 import mnn.losses
+from mnn import backend
 from mnn.io.checkpoint import CHECKPOINT_NAME
 from mnn.cli import main
 from mnn.data import write_idx
 from mnn.errors import InputError, MnnError, ShapeError, TrainingError
-from mnn.io import read_tensors
+from mnn.io import read_tensors, save_tensors
 from mnn.train.language_model import GPTTrainConfig, train_gpt
 from mnn.train.classifier import MLPTrainConfig, train_mlp
 
@@ -53,6 +54,9 @@ def workdir(tmp_path_factory):
         (root / "notes.safetensors").write_text("hello")
         assert main(["train", "mlp", *MLP_SMALL, "--out", "mlp"]) == 0
         assert main(["train", "gpt", "--data", "text.txt", *GPT_SMALL, "--out", "gpt"]) == 0
+        tensors, _ = read_tensors(root / "gpt" / CHECKPOINT_NAME)
+        save_tensors(root / "plain.safetensors", {k: v for k, v in tensors.items() if not k.startswith("optim.")},
+                     {})  # a nanoGPT state dict without config
         data = (root / "gpt" / CHECKPOINT_NAME).read_bytes()
         (root / "truncated.safetensors").write_bytes(data[: len(data) // 2])
         flipped = bytearray(data)
@@ -87,7 +91,7 @@ CASES = [
     ("a folder instead of a file", "eval data"),
     ("a file that is not safetensors", "eval notes.safetensors"),
     ("a truncated checkpoint", "sample truncated.safetensors"),
-    ("a GPT given to eval", "eval gpt/model.safetensors --data-dir data"),
+    ("a GPT evaluated on a text with other characters", "eval gpt/model.safetensors --data other.txt"),
     ("an MLP given to sample", "sample mlp/model.safetensors"),
     ("a prompt with unknown characters", "sample gpt/model.safetensors --prompt Zürich"),
     ("zero temperature", "sample gpt/model.safetensors --temperature 0"),
@@ -97,18 +101,38 @@ CASES = [
     ("resume with a preset", "train gpt --resume gpt --preset shakespeare-char"),
     ("resume an MLP run as a GPT", "train gpt --resume mlp"),
     ("resume from a corrupted checkpoint", "train gpt --resume flipped"),
-    ("resume with another text", "train gpt --resume gpt --data other.txt"),
+    ("resume with another text", "train gpt --resume gpt --data other.txt --max-iters 8"),
+    ("resume past the end of the run", "train gpt --resume gpt --max-iters 2"),
+    ("--device gpu without CuPy (after the command too)", "train mlp --device gpu"),
+    ("an unknown device in MNN_DEVICE", "MNN_DEVICE=tpu sample gpt/model.safetensors"),
+    ("a folder given as --data", "train gpt --data data"),
+    ("a file given as --data-dir", "train mlp --data-dir text.txt"),
+    ("a negative seed", "train gpt --seed -1"),
+    ("a run folder without weights", "sample nothing"),
+    ("a prompt file that does not exist", "sample gpt --prompt-file missing.txt"),
+    ("an MLP given to export", "export mlp/model.safetensors --to pytorch mlp-torch.safetensors"),
+    ("export onto its own input", "export gpt/model.safetensors --to pytorch gpt/model.safetensors"),
+    ("import of a file that is not a nanoGPT state dict", "import mlp/model.safetensors imported.safetensors"),
+    ("import of a state dict without its number of heads", "import plain.safetensors imported.safetensors"),
     ("a learning rate that blows up", "train mlp --dataset mnist --data-dir data --hidden 8 --batch-size 20 "
                                       "--optimizer sgd --lr 1e30 --out blowup"),
 ]
 
 
-def run_case(command: str, capsys) -> tuple[int, str]:
-    """Exit status and the single stderr line of ``mnn COMMAND``."""
-    try:
-        code = main(command.split())
-    except SystemExit as exit_:  # argparse
-        code = exit_.code
+def run_case(command: str, capsys, monkeypatch) -> tuple[int, str]:
+    """Exit status and the single stderr line of ``mnn COMMAND`` (``VAR=value mnn ...`` sets the environment
+    first, as the import of mnn reads it)."""
+    words = command.split()
+    with monkeypatch.context() as patch:
+        while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+            name, value = words.pop(0).split("=", 1)
+            patch.setenv(name, value)
+            patch.setattr(backend, "_environment_problem", None)
+            backend._use_environment()  # what the import does with the variable
+        try:
+            code = main(words)
+        except SystemExit as exit_:  # argparse
+            code = exit_.code
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mnn: error: "), err
@@ -135,14 +159,15 @@ def table(rows) -> str:
             "to a temporary file, fsync'd and renamed, so a crash or a full disk leaves the previous one.", "",
             "| What is wrong | Command | What you see |", "| --- | --- | --- |"]
     escape = lambda text: text.replace("|", "\\|")  # noqa: E731
-    body = [f"| {what} | `mnn {escape(command)}` | `{escape(stable(line))}` |" for what, command, line in rows]
+    shell = lambda command: re.sub(r"^((?:[A-Z_]+=\S* )*)", r"\1mnn ", command)  # noqa: E731 - env first
+    body = [f"| {what} | `{escape(shell(command))}` | `{escape(stable(line))}` |" for what, command, line in rows]
     return "\n".join(head + body) + "\n"
 
 
-def test_every_bad_input_gets_one_clear_line_and_the_doc_shows_it(workdir, capsys):
+def test_every_bad_input_gets_one_clear_line_and_the_doc_shows_it(workdir, capsys, monkeypatch):
     rows = []
     for what, command in CASES:
-        code, line = run_case(command, capsys)
+        code, line = run_case(command, capsys, monkeypatch)
         assert code == 2, (command, line)
         rows.append((what, command, line))
     text = table(rows)
@@ -151,6 +176,7 @@ def test_every_bad_input_gets_one_clear_line_and_the_doc_shows_it(workdir, capsy
     assert DOC.exists() and DOC.read_text() == text, "docs/bad-input.md is out of date: MNN_UPDATE_DOCS=1 pytest " \
                                                      "tests/test_robustness.py"
     assert not (workdir / "blowup" / "model.safetensors").exists()
+    assert not (workdir / "imported.safetensors").exists() and not (workdir / "mlp-torch.safetensors").exists()
 
 
 # -- non-finite losses ---------------------------------------------------------------

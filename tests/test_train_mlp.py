@@ -53,12 +53,12 @@ def run_cli(*args):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["train", "mlp", "--epochs", "abc"], "argument --epochs: invalid positive integer value: 'abc'"),
-    (["train", "mlp", "--epochs", "0"], "argument --epochs: must be a positive integer, got 0"),
-    (["train", "mlp", "--lr", "-1"], "argument --lr: must be a positive number, got -1"),
-    (["train", "mlp", "--dropout", "1.5"], "argument --dropout: must be in [0, 1), got 1.5"),
-    (["train", "mlp", "--optimizer", "lbfgs"], "argument --optimizer: invalid choice: 'lbfgs'"),
-    (["train", "resnet"], "argument model: invalid choice: 'resnet'"),
+    (["train", "mlp", "--epochs", "abc"], "--epochs: expected a positive integer, got abc"),
+    (["train", "mlp", "--epochs", "0"], "--epochs: expected a positive integer, got 0"),
+    (["train", "mlp", "--lr", "-1"], "--lr: expected a positive number, got -1"),
+    (["train", "mlp", "--dropout", "1.5"], "--dropout: expected a probability in [0, 1), got 1.5"),
+    (["train", "mlp", "--optimizer", "lbfgs"], "--optimizer: invalid choice: 'lbfgs'"),
+    (["train", "resnet"], "mnn train: invalid choice: 'resnet'"),
     (["eval", "no/such/model.safetensors"], "no/such/model.safetensors: no such file"),
     (["train", "mlp", "--data-dir", "no/such/folder"], "no/such/folder"),
 ])

@@ -35,6 +35,17 @@ def sha256_of(path) -> str:
     return digest.hexdigest()
 
 
+_NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError)
+
+
+def _network_reason(error: DataError):
+    """Why a :func:`download_verified` failed, when the network (not a checksum, not the disk) failed; else None."""
+    cause = error.__cause__
+    if not isinstance(cause, _NETWORK_ERRORS):
+        return None
+    return getattr(cause, "reason", None) or cause
+
+
 def download_verified(url: str, destination, sha256: str, size: int | None = None) -> Path:
     """Download ``url`` to ``destination``, keeping it only if its sha256 (and size) match.
 

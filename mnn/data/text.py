@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy
 
-from mnn.data.download import cache_dir, download_verified, sha256_of
+from mnn.data.download import _network_reason, cache_dir, download_verified, sha256_of
 from mnn.errors import DataError
 
 TINY_SHAKESPEARE_URL = (
@@ -197,6 +197,13 @@ def tiny_shakespeare_path(data=None, download: bool = True) -> Path:
         return cached
     if not download:
         raise DataError(f"tiny Shakespeare is not in {cached} and download=False; pass data=PATH")
-    return download_verified(
-        TINY_SHAKESPEARE_URL, cached, TINY_SHAKESPEARE_SHA256, size=TINY_SHAKESPEARE_BYTES
-    )
+    try:
+        return download_verified(
+            TINY_SHAKESPEARE_URL, cached, TINY_SHAKESPEARE_SHA256, size=TINY_SHAKESPEARE_BYTES
+        )
+    except DataError as error:
+        reason = _network_reason(error)
+        if reason is None:
+            raise
+        raise DataError(f"could not download tiny Shakespeare ({TINY_SHAKESPEARE_URL}: {reason}): place it at "
+                        f"{cached} or pass --data FILE (data= in Python)") from error

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy
 
-from mnn.data.download import cache_dir, download_verified
+from mnn.data.download import _network_reason, cache_dir, download_verified
 from mnn.data.idx import read_idx
 from mnn.errors import DataError
 
@@ -87,7 +87,16 @@ def _download_missing(name: str, folder: Path) -> dict[str, Path]:
         if _find(folder, stem) is None:
             file_name = f"{stem}.gz"
             url, digest = source["url"] + file_name, source["sha256"][file_name]
-            download_verified(url, folder / file_name, digest)
+            try:
+                download_verified(url, folder / file_name, digest)
+            except DataError as error:
+                reason = _network_reason(error)
+                if reason is None:
+                    raise
+                files = ", ".join(f"{each}.gz" for each in _stems())
+                raise DataError(f"could not download {url} ({reason}): without network, place the {name} files "
+                                f"{files} into {folder} or pass --data-dir DIR (data_dir= in Python), a folder "
+                                "holding them") from error
     return _files_in(folder)
 
 

@@ -23,7 +23,7 @@ TORCH_PREFIX = "_orig_mod."  # what torch.compile prepends to every name (nanoGP
 TORCH_EXPORT_DTYPES = {"float32": numpy.float32, "float16": numpy.float16}
 
 
-def export_gpt(model, path, dtype: str = "float32") -> Path:
+def export_gpt(model, path, dtype: str = "float32", vocab: str | None = None) -> Path:
     """Write an mnn GPT as a safetensors file that nanoGPT's PyTorch ``GPT`` loads strictly.
 
     The names are nanoGPT's (``transformer.wte.weight``, ...,
@@ -42,12 +42,15 @@ def export_gpt(model, path, dtype: str = "float32") -> Path:
     ``nn.GELU(approximate="tanh")``.
 
     Args:
-        model: an mnn ``GPT``, or the path of an mnn GPT weights file.
+        model: an mnn ``GPT``, or the path of an mnn GPT weights file or checkpoint.
         path: where to write.
         dtype: ``"float32"`` (default) or ``"float16"``.
+        vocab: the character vocabulary (character ``i`` is token ``i``), kept in the metadata as
+            ``vocab`` so that a PyTorch user can decode; by default that of the file ``model`` names.
     """
     if isinstance(model, (str, Path)):
-        model, _ = load_model(model)
+        model, saved = load_model(model)
+        vocab = vocab if vocab is not None else saved.get("vocab")
     if dtype not in TORCH_EXPORT_DTYPES:
         raise ValueError(f"export_gpt: dtype must be one of {sorted(TORCH_EXPORT_DTYPES)}, got {dtype!r}")
     if not hasattr(model, "transformer"):
@@ -56,6 +59,8 @@ def export_gpt(model, path, dtype: str = "float32") -> Path:
     from mnn import __version__  # noqa: PLC0415
 
     metadata = {"format": "pt", "mnn_version": __version__, "config": config_dict(model.config)}
+    if vocab is not None:
+        metadata["vocab"] = str(vocab)
     return save_tensors(path, tensors, metadata)
 
 
