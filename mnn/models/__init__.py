@@ -1,4 +1,4 @@
-"""Ready-made models, and a registry that finds each by name: ``mlp``, ``gpt``.
+"""Ready-made models, and a registry that finds each by name: ``mlp``, ``cnn``, ``gpt``, ``char-rnn``.
 
 A saved file names its model in ``config["kind"]``; :func:`model_from_config`
 looks the name up in :data:`MODELS` and rebuilds the model from the rest of
@@ -7,12 +7,15 @@ the config. A new model is a file here and one line in the registry.
 
 from __future__ import annotations
 
+from mnn.models.cnn import CNN
 from mnn.models.gpt import GPT, GPTConfig
 from mnn.models.mlp import MLP
 
 # name -> (builds the model from the saved config's keyword arguments, the arguments it takes)
 MODELS = {
     "mlp": (lambda **kw: MLP(**kw), ("in_features", "hidden", "num_classes", "activation", "dropout", "seed")),
+    "cnn": (lambda **kw: CNN(**kw), ("in_channels", "image_size", "channels", "hidden", "num_classes", "dropout",
+                                     "seed")),
     "gpt": (lambda **kw: GPT(GPTConfig(**kw)), tuple(GPTConfig.__dataclass_fields__)),
 }
 
@@ -33,4 +36,4 @@ def model_from_config(config: dict):
     return build(**{key: config[key] for key in arguments if key in config})
 
 
-__all__ = ["GPT", "MLP", "MODELS", "GPTConfig", "model_from_config", "model_kind"]
+__all__ = ["CNN", "GPT", "MLP", "MODELS", "GPTConfig", "model_from_config", "model_kind"]
