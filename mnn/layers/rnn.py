@@ -359,7 +359,7 @@ class RNN(RecurrentBase):
         h = xp.empty((T + 1, B, self.hidden_size), dtype=x.dtype)  # h_0 ... h_T
         h[0] = state0[0]
         a = project_inputs(x, w_ih, None if b_ih is None else b_ih + b_hh)  # Eq. (1), input terms, all steps
-        w_hh_t = w_hh.T
+        w_hh_t = xp.ascontiguousarray(w_hh.T)  # a transposed view makes the small products 3-6x slower
         for t in range(T):
             a[t] += h[t] @ w_hh_t  # Eq. (1)
             if self.nonlinearity == "tanh":
