@@ -1,4 +1,4 @@
-"""The ``mnn`` command: ``mnn train mlp|gpt``, ``mnn eval``, ``mnn sample``, ``mnn export``, ``mnn import``.
+"""The ``mnn`` command: ``mnn train mlp|cnn|gpt|char-rnn``, ``mnn eval``, ``mnn sample``, ``mnn export``, ``mnn import``.
 
 Every error a user can cause ends in one line on stderr and exit status 2,
 never a traceback. Ctrl-C or SIGTERM during training saves a checkpoint and
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import re
 import sys
 import textwrap
@@ -70,6 +71,9 @@ def folder(text: str) -> str:
     return text
 
 
+SWITCH = "switch"  # an option without a value (store_true)
+
+
 def shown(value) -> str:
     """A default as the user would type it."""
     if isinstance(value, list):
@@ -98,8 +102,9 @@ def add_options(parser, options: list, defaults: dict, default_preset: str) -> N
     for flag, kind, text in options:
         name = flag[2:].replace("-", "_")
         value = defaults.get(name)
-        extra = {"choices": kind} if isinstance(kind, list) else {"type": kind}
-        if name == "hidden":
+        extra = ({"choices": kind} if isinstance(kind, list) else {"action": "store_true", "default": None}
+                 if kind == SWITCH else {"type": kind})
+        if name == "channels" or (name == "hidden" and options is MLP_OPTIONS):
             extra["nargs"] = "+"
         note = f" (default: {shown(value)}, from preset {default_preset})" if value is not None else ""
         parser.add_argument(flag, help=text + note, **extra)
@@ -130,6 +135,13 @@ MLP_OPTIONS = [
     ("--out", str, "output folder"),
 ]
 
+CNN_OPTIONS = [row for row in MLP_OPTIONS if row[0] not in ("--hidden", "--activation", "--dropout")] + [
+    ("--channels", positive_int, "output channels of each conv-BN-ReLU-pool block, e.g. --channels 32 64"),
+    ("--hidden", positive_int, "width of the hidden Linear layer"),
+    ("--dropout", probability, "dropout before the last Linear layer"),
+    ("--augment", SWITCH, "random shifts (2 pixels) and horizontal flips of the training images"),
+]
+
 GPT_OPTIONS = [
     ("--data", text_file, "a UTF-8 text file (if not given: tiny Shakespeare, downloaded and checked)"),
     ("--out", str, "output folder"),
@@ -154,18 +166,49 @@ GPT_OPTIONS = [
 ]
 
 
-def add_train_parser(train, model: str, devices, options: list, help_text: str) -> None:
-    if model == "mlp":
-        from mnn.train.classifier import PRESETS, MLPTrainConfig as config_class  # noqa: PLC0415, N813
-    else:
-        from mnn.train.language_model import PRESETS, GPTTrainConfig as config_class  # noqa: PLC0415, N813
-    default = DEFAULT_PRESET[model]
-    parser = train.add_parser(model, help=help_text, description=help_text, parents=[devices],
-                              epilog=presets_epilog(PRESETS, default))
-    parser.add_argument("--preset", choices=list(PRESETS),
+CHAR_RNN_OPTIONS = [row for row in GPT_OPTIONS if row[0] not in ("--n-layer", "--n-head", "--n-embd")] + [
+    ("--cell", ["lstm", "gru", "rnn"], "the recurrent layer"),
+    ("--n-embd", positive_int, "character embedding width"),
+    ("--hidden-size", positive_int, "width of each recurrent layer"),
+    ("--num-layers", positive_int, "recurrent layers stacked"),
+]
+
+# mnn train MODEL: (module, config class, presets, default preset, options, help, options fixed on resume)
+TRAINERS = {
+    "mlp": ("classifier", "MLPTrainConfig", "PRESETS", "default", MLP_OPTIONS,
+            "an MLP classifier on Fashion-MNIST or MNIST",
+            ("dataset", "hidden", "activation", "dropout", "batch_size", "optimizer", "seed")),
+    "cnn": ("classifier", "CNNTrainConfig", "CNN_PRESETS", "default", CNN_OPTIONS,
+            "a convolutional classifier on Fashion-MNIST or MNIST",
+            ("dataset", "channels", "hidden", "dropout", "batch_size", "optimizer", "seed")),
+    "gpt": ("language_model", "GPTTrainConfig", "PRESETS", "shakespeare-char-cpu", GPT_OPTIONS,
+            "a character-level GPT on a text file (default: tiny Shakespeare)",
+            ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "batch_size", "seed")),
+    "char-rnn": ("language_model", "CharRNNTrainConfig", "CHAR_RNN_PRESETS", "shakespeare-char-cpu",
+                 CHAR_RNN_OPTIONS, "a character-level LSTM, GRU or RNN (char-rnn) on a text file (alias: lstm)",
+                 ("cell", "n_embd", "hidden_size", "num_layers", "dropout", "batch_size", "seed")),
+}
+MODEL_ALIASES = {"lstm": "char-rnn"}
+
+
+def trainer(model: str):
+    """``(config class, presets, default preset, train function)`` of ``mnn train MODEL``."""
+    module_name, config_name, presets_name, default = TRAINERS[model][:4]
+    module = importlib.import_module(f"mnn.train.{module_name}")
+    train = module.train_classifier if module_name == "classifier" else module.train_language_model
+    return getattr(module, config_name), getattr(module, presets_name), default, train
+
+
+def add_train_parser(train, model: str, devices) -> None:
+    config_class, presets, default, _ = trainer(model)
+    options, help_text = TRAINERS[model][4:6]
+    aliases = [alias for alias, name in MODEL_ALIASES.items() if name == model]
+    parser = train.add_parser(model, help=help_text, description=help_text, parents=[devices], aliases=aliases,
+                              epilog=presets_epilog(presets, default))
+    parser.add_argument("--preset", choices=list(presets),
                         help=f"a named recipe, listed below (default: {default}); options given override it")
-    add_options(parser, options, preset_defaults(config_class, PRESETS, default), default)
-    when = "after every epoch" if model == "mlp" else "after every evaluation"
+    add_options(parser, options, preset_defaults(config_class, presets, default), default)
+    when = "after every epoch" if TRAINERS[model][0] == "classifier" else "after every evaluation"
     parser.add_argument("--resume", metavar="DIR",
                         help="continue the run saved in DIR (its checkpoint.safetensors) with its options; "
                              "options given again override them (e.g. a larger --max-iters)")
@@ -177,7 +220,6 @@ def add_train_parser(train, model: str, devices, options: list, help_text: str) 
                              "(default: stop)")
 
 
-DEFAULT_PRESET = {"mlp": "default", "gpt": "shakespeare-char-cpu"}
 MODEL_HELP = "a weights file, a checkpoint.safetensors, or a run folder (its model.safetensors)"
 
 
@@ -192,9 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model", description="Train a model.")
     models = train.add_subparsers(dest="model", metavar="MODEL", parser_class=OneLineParser, title="models")
-    add_train_parser(models, "mlp", devices, MLP_OPTIONS, "an MLP classifier on Fashion-MNIST or MNIST")
-    add_train_parser(models, "gpt", devices, GPT_OPTIONS,
-                     "a character-level GPT on a text file (default: tiny Shakespeare)")
+    for model in TRAINERS:
+        add_train_parser(models, model, devices)
 
     evaluate = commands.add_parser("eval", parents=[devices], help="test accuracy of an MLP, val loss of a GPT",
                                    description="An MLP: its test accuracy. A GPT: its loss and perplexity on the "
@@ -246,13 +287,6 @@ def overrides(args, config_class) -> dict:
     return {key: value for key, value in vars(args).items() if key in fields and value is not None}
 
 
-# Options a resumed run cannot change: the model's shape, the data and the batch order.
-FIXED_ON_RESUME = {
-    "mlp": ("dataset", "hidden", "activation", "dropout", "batch_size", "optimizer", "seed"),
-    "gpt": ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "batch_size", "seed"),
-}
-
-
 def train_config(args, config_class, presets: dict, default_preset: str):
     """The run's options: a preset plus the flags given, or, with ``--resume``, the saved ones plus the flags."""
     given = overrides(args, config_class)
@@ -263,21 +297,15 @@ def train_config(args, config_class, presets: dict, default_preset: str):
                        "(give single options to change them)")
     from mnn.io.checkpoint import resume_config  # noqa: PLC0415
 
-    return resume_config(args.resume, config_class, given, FIXED_ON_RESUME[args.model], args.model), args.resume
+    return resume_config(args.resume, config_class, given, TRAINERS[args.model][6], args.model), args.resume
 
 
 def run(args) -> int:
-    if args.command == "train" and args.model == "mlp":
-        from mnn.train.classifier import PRESETS, MLPTrainConfig, train_mlp  # noqa: PLC0415
-
-        config, resume = train_config(args, MLPTrainConfig, PRESETS, DEFAULT_PRESET["mlp"])
-        train_mlp(config, resume=resume)
-        return 0
-    if args.command == "train" and args.model == "gpt":
-        from mnn.train.language_model import PRESETS, GPTTrainConfig, train_gpt  # noqa: PLC0415
-
-        config, resume = train_config(args, GPTTrainConfig, PRESETS, DEFAULT_PRESET["gpt"])
-        train_gpt(config, resume=resume)
+    if args.command == "train":
+        args.model = MODEL_ALIASES.get(args.model, args.model)
+        config_class, presets, default, train = trainer(args.model)
+        config, resume = train_config(args, config_class, presets, default)
+        train(config, resume=resume)
         return 0
     from mnn import _commands  # noqa: PLC0415
 
@@ -301,7 +329,7 @@ def main(argv=None) -> int:
     missing = "command" if args.command is None else "model" if args.command == "train" and not args.model else ""
     if missing:
         sub = parser.subcommand_parsers["" if missing == "command" else "train"]
-        choices = "train, eval, sample, export, import" if missing == "command" else "mlp, gpt"
+        choices = "train, eval, sample, export, import" if missing == "command" else ", ".join(TRAINERS)
         sys.stderr.write(sub.format_help())
         print(f"mnn: error: {sub.prog}: give a {missing.upper()}: one of {choices}", file=sys.stderr)
         return 2

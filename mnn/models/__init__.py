@@ -7,6 +7,7 @@ the config. A new model is a file here and one line in the registry.
 
 from __future__ import annotations
 
+from mnn.models.char_rnn import CharRNN
 from mnn.models.cnn import CNN
 from mnn.models.gpt import GPT, GPTConfig
 from mnn.models.mlp import MLP
@@ -17,6 +18,8 @@ MODELS = {
     "cnn": (lambda **kw: CNN(**kw), ("in_channels", "image_size", "channels", "hidden", "num_classes", "dropout",
                                      "seed")),
     "gpt": (lambda **kw: GPT(GPTConfig(**kw)), tuple(GPTConfig.__dataclass_fields__)),
+    "char-rnn": (lambda **kw: CharRNN(**kw), ("vocab_size", "n_embd", "hidden_size", "num_layers", "cell", "dropout",
+                                             "seed")),
 }
 
 
@@ -36,4 +39,4 @@ def model_from_config(config: dict):
     return build(**{key: config[key] for key in arguments if key in config})
 
 
-__all__ = ["CNN", "GPT", "MLP", "MODELS", "GPTConfig", "model_from_config", "model_kind"]
+__all__ = ["CNN", "GPT", "MLP", "CharRNN", "MODELS", "GPTConfig", "model_from_config", "model_kind"]

@@ -19,6 +19,7 @@ from mnn.losses import CrossEntropyLoss
 from mnn.models import CNN, MLP, model_kind
 from mnn.module import no_grad
 from mnn.optim import SGD, Adam, AdamW, Constant, WarmupCosine, grad_norm, param_groups
+from mnn.parallel import DataParallel
 from mnn.train.loop import run
 from mnn.train.reporting import log
 
@@ -72,6 +73,7 @@ class CNNTrainConfig:
     out: str = "runs/cnn"
     checkpoint_interval: int = 0
     skip_nonfinite: bool = False
+    replicas: int = 2  # slices of each batch run at once in threads (mnn.parallel); BatchNorm sees each slice
 
 
 MLPTrainConfig.model = "mlp"  # the model each config trains (a class attribute, not a saved option)
@@ -194,11 +196,13 @@ class ClassifierTask:
         self.model = build_classifier(config, self.x_train)
         self.model.config.update(dataset=config.dataset, mean=mean, std=std)
         self.loss_fn = CrossEntropyLoss()
+        on_cpu = xp.__name__ == "numpy"  # threads share one GPU to no gain: one replica there
+        self.parallel = DataParallel(self.model, self.loss_fn, getattr(config, "replicas", 1) if on_cpu else 1)
         self.optimizer = make_optimizer(config, self.model)
         self.steps_per_epoch = math.ceil(len(self.x_train) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.schedule = make_schedule(config, self.total_steps)
-        self.generators = model_generators(self.model)
+        self.generators = {**model_generators(self.model), **self.parallel.generators()}
         if getattr(config, "augment", False):
             self.augment_rng = numpy.random.default_rng([config.seed, 3])
             self.generators["augment"] = self.augment_rng
@@ -225,6 +229,8 @@ class ClassifierTask:
         x, y = self.batch(step)
         if "augment" in self.generators:
             x = shift_and_flip(x, self.background, self.augment_rng)
+        if self.parallel.replicas > 1:
+            return self.parallel.forward_backward(x, y)
         loss = float(self.loss_fn.forward(self.model.forward(x), y))
         if math.isfinite(loss):
             self.model.backward(self.loss_fn.backward())
@@ -275,6 +281,7 @@ class ClassifierTask:
         return ""
 
     def finish(self, stopped: bool) -> None:
+        self.parallel.close()
         settings = dataclasses.asdict(self.config)
         path = save_model(Path(self.config.out) / WEIGHTS_NAME, self.model, train_config=settings)
         log(f"saved {path}" + (" (the weights at the stop)" if stopped else ""))

@@ -14,7 +14,7 @@ from mnn.errors import CheckpointError, DataError
 from mnn.io import WEIGHTS_NAME, load_model, save_model
 from mnn.io.checkpoint import finite_or_none, model_generators
 from mnn.losses import CrossEntropyLoss
-from mnn.models import GPT, GPTConfig
+from mnn.models import GPT, CharRNN, GPTConfig
 from mnn.optim import AdamW, WarmupCosine, clip_grad_norm, param_groups
 from mnn.parallel import DataParallel
 from mnn.train.loop import run
@@ -51,6 +51,45 @@ class GPTTrainConfig:
     skip_nonfinite: bool = False  # skip a step whose loss or gradient norm is NaN/inf instead of stopping
     replicas: int = 2  # slices of each batch run at once in threads (mnn.parallel); 1 on a GPU
 
+
+@dataclass
+class CharRNNTrainConfig:
+    """One char-rnn run (an LSTM, GRU or RNN stack); the options it shares with the GPT mean the same."""
+
+    data: str | None = None
+    out: str = "runs/lstm"
+    cell: str = "lstm"
+    block_size: int = 64  # the window length T that backpropagation through time runs over
+    n_embd: int = 64
+    hidden_size: int = 256
+    num_layers: int = 2
+    dropout: float = 0.0
+    batch_size: int = 12
+    max_iters: int = 2000
+    learning_rate: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_iters: int = 200
+    log_interval: int = 50
+    seed: int = 1337
+    checkpoint_interval: int | None = None
+    skip_nonfinite: bool = False
+    replicas: int = 2
+
+
+GPTTrainConfig.model = "gpt"  # the model each config trains (a class attribute, not a saved option)
+CharRNNTrainConfig.model = "char-rnn"
+
+CHAR_RNN_PRESETS = {
+    # The GPT CPU recipe's budget: about its parameter count (0.88M against 0.80M) and its data per step.
+    "shakespeare-char-cpu": {},
+}
 
 PRESETS = {
     # nanoGPT's README recipe for a CPU: val about 1.88 after 2000 iterations.
@@ -104,19 +143,29 @@ def estimate_loss(parallel: DataParallel, splits: dict, config: GPTTrainConfig, 
     return losses
 
 
-def check_config(config: GPTTrainConfig) -> None:
+def check_config(config) -> None:
     """Refuse impossible options before any data is read (the CLI checks types; this checks combinations)."""
-    for name in ("block_size", "n_layer", "n_head", "n_embd", "batch_size", "max_iters", "eval_interval",
-                 "eval_iters", "log_interval"):
-        value = getattr(config, name)
+    for name in ("block_size", "n_layer", "n_head", "n_embd", "hidden_size", "num_layers", "batch_size", "max_iters",
+                 "eval_interval", "eval_iters", "log_interval"):
+        value = getattr(config, name, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if config.n_embd % config.n_head:
+    if config.model == "gpt" and config.n_embd % config.n_head:
         raise ValueError(f"n_embd {config.n_embd} must be divisible by n_head {config.n_head}")
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
     if not isinstance(config.replicas, int) or isinstance(config.replicas, bool) or config.replicas < 1:
         raise ValueError(f"replicas must be a positive integer, got {config.replicas!r}")
+
+
+def build_language_model(config, vocab_size: int):
+    """The model ``config.model`` names, for a vocabulary of ``vocab_size`` characters."""
+    if config.model == "char-rnn":
+        return CharRNN(vocab_size, config.n_embd, config.hidden_size, config.num_layers, config.cell,
+                       config.dropout, config.seed)
+    model_config = GPTConfig(block_size=config.block_size, vocab_size=vocab_size, n_layer=config.n_layer,
+                             n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias)
+    return GPT(model_config, seed=config.seed)
 
 
 class LanguageModelTask:
@@ -131,7 +180,6 @@ class LanguageModelTask:
     latest weights.
     """
 
-    name = "gpt"
     length_option = "a larger --max-iters"
     step_base = 0  # messages name iterations from 0, as nanoGPT
     evaluation_name = "loss"
@@ -144,11 +192,8 @@ class LanguageModelTask:
             if len(ids) <= config.block_size:
                 raise DataError(f"the {name} split has {len(ids)} characters, not more than block_size "
                                 f"{config.block_size}: use a longer text or a smaller --block-size")
-        model_config = GPTConfig(block_size=config.block_size, vocab_size=self.tokenizer.vocab_size,
-                                 n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
-                                 dropout=config.dropout, bias=config.bias)
-        self.config = config
-        self.model = GPT(model_config, seed=config.seed)
+        self.config, self.name = config, config.model
+        self.model = build_language_model(config, self.tokenizer.vocab_size)
         self.optimizer = AdamW(param_groups(self.model, config.weight_decay), lr=config.learning_rate,
                                betas=(config.beta1, config.beta2))
         self.total_steps = config.max_iters
@@ -162,9 +207,11 @@ class LanguageModelTask:
                            **self.parallel.generators()}
         self.grads = [grad for _, grad in self.model.named_grads()]  # the same arrays every step
         self.weights_path = Path(config.out) / WEIGHTS_NAME
-        self.plot_title = "GPT on " + Path(config.data or "tiny shakespeare").name
+        self.plot_title = f"{config.model} on " + Path(config.data or "tiny shakespeare").name
         self.best_val, self.best_step, self.last = math.inf, None, {}
-        log(f"gpt {model_config.n_layer}x{model_config.n_embd} ({self.model.num_parameters():,} parameters), "
+        shape = (f"gpt {config.n_layer}x{config.n_embd}" if config.model == "gpt"
+                 else f"{config.cell} {config.num_layers}x{config.hidden_size}")
+        log(f"{shape} ({self.model.num_parameters():,} parameters), "
             f"vocab {self.tokenizer.vocab_size}, {len(self.train_ids):,} train / {len(self.val_ids):,} val characters")
 
     def forward_backward(self, step: int) -> float:
@@ -236,8 +283,8 @@ class LanguageModelTask:
                 "iters": step, "ms_per_step": ms_per_step}
 
 
-def train_gpt(config: GPTTrainConfig, resume=None, on_iteration=None) -> dict:
-    """Train with AdamW, warm-up + cosine, clipping; keep the best-val weights in ``config.out``.
+def train_language_model(config, resume=None, on_iteration=None) -> dict:
+    """Train the model ``config`` names (a GPT or a char-rnn) with AdamW, warm-up + cosine, clipping; keep the best-val weights in ``config.out``.
 
     A full checkpoint (``checkpoint.safetensors``: weights, AdamW moments,
     iteration, the batch, evaluation and dropout generators, history) is
@@ -259,6 +306,9 @@ def train_gpt(config: GPTTrainConfig, resume=None, on_iteration=None) -> dict:
         ``"interrupted": True`` when a signal stopped the run.
     """
     return run(LanguageModelTask(config), resume=resume, on_step=on_iteration)
+
+
+train_gpt = train_char_rnn = train_language_model  # the names of the commands: mnn train gpt, mnn train lstm
 
 
 def sample_file(path, prompt: str = "\n", tokens: int = 500, temperature: float = 0.8,
