@@ -46,7 +46,7 @@ def small_config(data, out, **changes):
 def test_a_resumed_cnn_run_equals_the_straight_one_bitwise(tmp_path):
     write_fake_mnist(tmp_path / "data", train=200, test=100)
     straight = train_cnn(small_config(tmp_path / "data", tmp_path / "straight"))
-    train_cnn(small_config(tmp_path / "data", tmp_path / "resumed", epochs=1))
+    train_cnn(small_config(tmp_path / "data", tmp_path / "resumed", epochs=1))  # inside the warm-up: same rates
     resumed = train_cnn(small_config(tmp_path / "data", tmp_path / "resumed"), resume=tmp_path / "resumed")
     assert resumed == straight
     a, b = load_file(tmp_path / "straight" / CHECKPOINT_NAME), load_file(tmp_path / "resumed" / CHECKPOINT_NAME)

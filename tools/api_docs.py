@@ -65,6 +65,17 @@ LEARNING_PATH = [
     ("Softmax and LogSoftmax", ["Softmax", "LogSoftmax"],
      "the first full (non-diagonal) Jacobian, and how to apply it without building it."),
     ("MatrixProduct", ["MatrixProduct"], "a layer with two inputs: both gradients from one upstream gradient."),
+    ("Convolution", ["Conv2d"], "im2col makes it one matrix product; the input gradient is a correlation with the "
+     "flipped kernel, scattered back by col2im."),
+    ("Pooling", ["MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Flatten"],
+     "the gradient goes to the maximum (why finite differences need inputs without ties), or is shared out evenly."),
+    ("Batch normalisation", ["BatchNorm2d", "BatchNorm1d"],
+     "statistics of the batch in training, running ones in evaluation; the term through the mean that vanishes."),
+    ("The CNN", ["models.cnn.CNN"], "conv, BatchNorm, ReLU and pooling blocks, trained by the classifier loop."),
+    ("Recurrence", ["RNN", "LSTM", "GRU"], "one step's gate partials, then backpropagation through time: the "
+     "gradient carried back through $`h`$ (and $`c`$), the input projections as one product outside the loop."),
+    ("The char-rnn", ["CharRNN"], "embedding, recurrent stack, head; sampling carries the state one character at a "
+     "time."),
     ("Attention", ["CausalSelfAttention", "SelfAttention", "MultiHeadAttention", "Attention"],
      "scores, the causal mask, softmax over keys, and the backward through all of it."),
     ("LayerNorm", ["LayerNorm"], "normalisation whose Jacobian couples every feature of a row."),

@@ -104,6 +104,82 @@ CASES: dict[str, Case] = {
 }
 
 
+def _with_random_affine(layer, rng):
+    """BatchNorm with random gamma and beta: at gamma = 1, beta = 0 a sum of its output is identically zero."""
+    layer.params["weight"][...] = rng.uniform(0.5, 1.5, layer.params["weight"].shape)
+    layer.params["bias"][...] = rng.standard_normal(layer.params["bias"].shape)
+    return layer
+
+
+def _recurrent_case(class_name: str, text: str) -> Case:
+    """``(x, h0[, c0]) -> concat(output, h_n[, c_n])`` as one array: the gradient enters through both."""
+    from mnn.backend import xp
+    from mnn.module import Module
+
+    class Sequence(Module):
+        def __init__(self, rnn) -> None:
+            super().__init__()
+            self.rnn = rnn
+
+        def forward(self, x, *state):
+            output, final = self.rnn.forward(x, state if len(state) > 1 else state[0])
+            finals = list(final) if isinstance(final, tuple) else [final]
+            self.cache = [a.shape for a in (output, *finals)]
+            return xp.concatenate([a.ravel() for a in (output, *finals)])
+
+        def backward(self, dy):
+            parts, start = [], 0
+            for shape in self.pop_cache():
+                size = int(numpy.prod(shape))
+                parts.append(dy[start:start + size].reshape(shape))
+                start += size
+            dx, dstate0 = self.rnn.backward(parts[0], tuple(parts[1:]) if len(parts) > 2 else parts[1])
+            return (dx, *(dstate0 if isinstance(dstate0, tuple) else (dstate0,)))
+
+    states = 2 if class_name == "LSTM" else 1
+    return Case(text, lambda m, rng: Sequence(getattr(m, class_name)(3, 4, num_layers=2, rng=rng)),
+                lambda rng: (normal(rng, 5, 2, 3), *(normal(rng, 2, 2, 4) for _ in range(states))))
+
+
+CASES.update({
+    "layers.activation.LeakyReLU": Case("LeakyReLU(0.1), x (3, 5), |x| >= 0.1", lambda m, rng: m.LeakyReLU(0.1),
+                                        lambda rng: (away_from_zero(rng, 3, 5),)),
+    "layers.activation.SiLU": Case("SiLU(), x (3, 5)", lambda m, rng: m.SiLU(), lambda rng: (normal(rng, 3, 5),)),
+    "layers.activation.ELU": Case("ELU(), x (3, 5), |x| >= 0.1", lambda m, rng: m.ELU(),
+                                  lambda rng: (away_from_zero(rng, 3, 5),)),
+    "layers.conv.Conv2d": Case("Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2), x (2, 4, 7, 7)",
+                               lambda m, rng: m.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, rng=rng),
+                               lambda rng: (normal(rng, 2, 4, 7, 7),)),
+    "layers.pooling.MaxPool2d": Case("MaxPool2d(2), x (2, 3, 6, 6), no ties", lambda m, rng: m.MaxPool2d(2),
+                                     lambda rng: (normal(rng, 2, 3, 6, 6),)),
+    "layers.pooling.AvgPool2d": Case("AvgPool2d(3, stride=2, padding=1), x (2, 3, 7, 7)",
+                                     lambda m, rng: m.AvgPool2d(3, stride=2, padding=1),
+                                     lambda rng: (normal(rng, 2, 3, 7, 7),)),
+    "layers.pooling.AdaptiveAvgPool2d": Case("AdaptiveAvgPool2d(1), x (2, 3, 5, 5)",
+                                             lambda m, rng: m.AdaptiveAvgPool2d(1),
+                                             lambda rng: (normal(rng, 2, 3, 5, 5),)),
+    "layers.flatten.Flatten": Case("Flatten(), x (2, 3, 4, 5)", lambda m, rng: m.Flatten(),
+                                   lambda rng: (normal(rng, 2, 3, 4, 5),)),
+    "layers.batchnorm.BatchNorm1d": Case("BatchNorm1d(4), training, random gamma and beta, x (6, 4)",
+                                         lambda m, rng: _with_random_affine(m.BatchNorm1d(4), rng),
+                                         lambda rng: (normal(rng, 6, 4),)),
+    "layers.batchnorm.BatchNorm2d": Case("BatchNorm2d(3), training, random gamma and beta, x (2, 3, 4, 5)",
+                                         lambda m, rng: _with_random_affine(m.BatchNorm2d(3), rng),
+                                         lambda rng: (normal(rng, 2, 3, 4, 5),)),
+    "layers.rnn.RNN": _recurrent_case("RNN", "RNN(3, 4, num_layers=2), x (5, 2, 3), h0; output and h_n"),
+    # the stack machinery (layers, directions, backpropagation through time), measured through its plain cell
+    "layers.rnn.RecurrentBase": _recurrent_case("RNN", "through RNN(3, 4, num_layers=2), x (5, 2, 3), h0"),
+    "layers.lstm.LSTM": _recurrent_case("LSTM", "LSTM(3, 4, num_layers=2), x (5, 2, 3), h0, c0; output, h_n, c_n"),
+    "layers.gru.GRU": _recurrent_case("GRU", "GRU(3, 4, num_layers=2), x (5, 2, 3), h0; output and h_n"),
+    "models.cnn.CNN": Case("CNN(1, image_size=8, channels=(2, 3), hidden=4, num_classes=3), x (2, 1, 8, 8)",
+                           lambda m, rng: m.CNN(1, 8, (2, 3), 4, 3, seed=0),
+                           lambda rng: (normal(rng, 2, 1, 8, 8),)),
+    "models.char_rnn.CharRNN": Case("CharRNN(7, n_embd=3, hidden_size=4, num_layers=2), LSTM, ids (2, 3)",
+                                    lambda m, rng: m.CharRNN(7, 3, 4, 2, seed=0),
+                                    lambda rng: (labels(rng, 7, 2, 3),)),
+})
+
+
 def _gpt_case() -> Case:
     def build(m, rng):
         config = m.GPTConfig(block_size=4, vocab_size=7, n_layer=1, n_head=2, n_embd=4, dropout=0.0)

@@ -315,8 +315,8 @@ def sample_file(path, prompt: str = "\n", tokens: int = 500, temperature: float 
                 top_k: int | None = 40, seed: int = 1) -> str:
     """Generate ``tokens`` characters after ``prompt`` from a saved GPT; returns prompt + generation."""
     model, metadata = load_model(path)
-    if "vocab" not in metadata or not isinstance(model, GPT):
-        raise DataError(f"{path}: not a character-level GPT (no vocabulary in its metadata)")
+    if "vocab" not in metadata or not hasattr(model, "generate"):
+        raise DataError(f"{path}: not a character-level language model (no vocabulary in its metadata)")
     tokenizer = CharTokenizer(str(metadata["vocab"]))
     if not prompt:
         raise DataError("the prompt is empty: give at least one character")
