@@ -74,6 +74,27 @@ def usable(*arrays) -> bool:
     return enabled() and all(array.flags.c_contiguous and array.dtype.char in _KERNEL_DTYPES for array in arrays)
 
 
+def usable_any_layout(*arrays) -> bool:
+    """As :func:`usable`, for element-wise kernels: every array dense in the same axis order, not only C order.
+
+    A channels-last ``(N, C, H, W)`` view (:class:`~mnn.layers.Conv2d`'s
+    output) is dense but not C-contiguous; an element-wise loop does not care
+    about the axis order as long as every operand enumerates its elements in
+    the same one, which :func:`flat` then does. Outputs are allocated with
+    ``empty_like`` (which keeps a dense input's memory layout).
+    """
+    if not (enabled() and arrays and all(array.dtype.char in _KERNEL_DTYPES for array in arrays)):
+        return False
+    order = memory_order(arrays[0])
+    return all(array.shape == arrays[0].shape and array.transpose(order).flags.c_contiguous for array in arrays)
+
+
+def memory_order(array) -> tuple:
+    """The axes from the largest stride to the smallest: ``array.transpose(order)`` is C-contiguous when
+    ``array`` is dense in some axis order (a channels-last ``(N, C, H, W)`` view gives ``(0, 2, 3, 1)``)."""
+    return tuple(sorted(range(array.ndim), key=lambda axis: -abs(array.strides[axis])))
+
+
 def kernel(function=None, *, reassociate: bool = False):
     """Compile ``function`` with numba on its first call (no Python objects, GIL released, cached on disk).
 
@@ -121,7 +142,13 @@ def _warn_uncached(error: Exception) -> None:
 
 
 def flat(array):
-    """``array`` as a 1-D view (no copy): the kernels loop over elements; refuses a non-contiguous array."""
+    """``array`` as a 1-D view (no copy) in memory order: the kernels loop over elements; refuses a non-dense array.
+
+    A C-contiguous array is flattened in C order; a dense array in another
+    axis order (see :func:`usable_any_layout`) in its memory order.
+    """
     if not array.flags.c_contiguous:
-        raise ValueError(f"compiled kernels need contiguous arrays, got strides {array.strides}")
+        array = array.transpose(memory_order(array))
+        if not array.flags.c_contiguous:
+            raise ValueError(f"compiled kernels need dense arrays, got strides {array.strides}")
     return array.reshape(-1)

@@ -36,7 +36,7 @@ def build(cls, dtype, rng, **options):
 
 @pytest.mark.parametrize("cls, shape", CASES)
 @pytest.mark.parametrize("training", [True, False])
-def test_batchnorm_gradcheck(cls, shape, training):
+def test_batchnorm_gradcheck(cls, shape, training, compute_path):
     rng = np.random.default_rng(0)
     layer = build(cls, np.float64, rng)
     layer.buffers["running_mean"][...] = randn(rng, 3)
@@ -54,7 +54,7 @@ def test_batchnorm_gradcheck(cls, shape, training):
 @pytest.mark.parametrize("momentum, affine, track", [(0.1, True, True), (None, True, True), (0.3, False, True),
                                                      (0.1, True, False)])
 def test_batchnorm_matches_pytorch_over_steps_and_in_evaluation(cls, shape, np_dtype, torch_dtype, tol,
-                                                                momentum, affine, track):
+                                                                momentum, affine, track, compute_path):
     rng = np.random.default_rng(1)
     layer = build(cls, np_dtype, rng, momentum=momentum, affine=affine, track_running_stats=track)
     ref = getattr(torch.nn, cls.__name__)(3, momentum=momentum, affine=affine, track_running_stats=track,
@@ -90,6 +90,32 @@ def test_batchnorm_matches_pytorch_over_steps_and_in_evaluation(cls, shape, np_d
     yt = ref(xt)
     yt.backward(torch.from_numpy(dy))
     assert rel(y, yt) <= tol and rel(dx, xt.grad) <= tol
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm2d_gradcheck_on_channels_last_memory(training, compute_path):
+    """Behind a Conv2d (channels-last output): the rows are a view, the gradient comes back channels-last."""
+    rng = np.random.default_rng(2)
+    conv = Conv2d(3, 3, 1, bias=False, rng=rng, dtype=np.float64)
+    layer = build(BatchNorm2d, np.float64, rng)
+    layer.buffers["running_var"][...] = rng.uniform(0.5, 2.0, 3)
+    model = Sequential(conv, layer)
+    model.train(training)
+    errors = mnn.gradcheck(model, randn(rng, (3, 3, 4, 5)) + 2.0)
+    assert max(errors.values()) <= 1e-7, errors
+    y = layer.forward(conv.forward(randn(rng, (2, 3, 4, 5))))
+    assert y.transpose(0, 2, 3, 1).flags.c_contiguous
+    assert layer.backward(y).transpose(0, 2, 3, 1).flags.c_contiguous
+
+
+def test_batchnorm_one_pass_moments_keep_a_large_mean_exact(compute_path):
+    """A mean 10^6 times the spread: E[x^2] - E[x]^2 would cancel to noise (the compiled path sums in one pass)."""
+    rng = np.random.default_rng(4)
+    x = 1e4 + 1e-2 * randn(rng, (64, 3, 6, 6))
+    ref = torch.nn.BatchNorm2d(3, dtype=torch.float64)
+    layer = BatchNorm2d(3, dtype=np.float64)
+    assert rel(layer.forward(x), ref(torch.from_numpy(x))) <= 1e-7
+    assert rel(layer.buffers["running_var"], ref.running_var) <= 1e-7
 
 
 def test_buffers_are_in_the_state_dict_not_among_parameters_and_load_strictly():

@@ -240,6 +240,20 @@ def test_relu_on_a_transposed_input_takes_any_gradient_layout(compute_path):
     np.testing.assert_array_equal(layer.backward(dy), dy * (x > 0))
 
 
+def test_relu_keeps_a_channels_last_layout_and_takes_either_gradient_layout(compute_path):
+    """Conv2d's channels-last output: the compiled loop runs over it in memory order, the output keeps it."""
+    x = normal((2, 3, 4, 5), np.float32)
+    channels_last = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    layer = ReLU()
+    y = layer.forward(channels_last)
+    np.testing.assert_array_equal(y, np.maximum(x, 0))
+    assert y.transpose(0, 2, 3, 1).flags.c_contiguous
+    dy = normal(y.shape, np.float32)
+    for upstream in (dy, np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)):
+        layer.forward(channels_last)
+        np.testing.assert_array_equal(layer.backward(upstream), dy * (x > 0))
+
+
 def test_sequential_mlp_matches_torch_end_to_end():
     rng = np.random.default_rng(5)
     model = Sequential(Linear(8, 16, rng=rng), ReLU(), Linear(16, 3, rng=rng))

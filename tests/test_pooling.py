@@ -10,7 +10,8 @@ from torch import nn
 
 import mnn
 from mnn.errors import ShapeError
-from mnn.layers import AdaptiveAvgPool2d, AvgPool2d, Flatten, MaxPool2d
+from mnn.layers import AdaptiveAvgPool2d, AvgPool2d, Conv2d, Flatten, MaxPool2d
+from mnn.module import Sequential
 
 # (layer, torch layer, input shape)
 POOLS = [
@@ -31,16 +32,31 @@ def tie_free(rng, shape, dtype=np.float64):
     return (rng.permutation(int(np.prod(shape))).reshape(shape) * 0.1).astype(dtype)
 
 
+def channels_last_identity(channels):
+    """A 1x1 Conv2d holding the identity: passes its input on unchanged, in Conv2d's channels-last memory."""
+    conv = Conv2d(channels, channels, 1, bias=False, dtype=np.float64)
+    conv.params["weight"][...] = np.eye(channels).reshape(channels, channels, 1, 1)
+    return conv
+
+
 @pytest.mark.parametrize("case", range(len(POOLS)))
-def test_pooling_gradcheck(case):
+def test_pooling_gradcheck(case, compute_path):
     make, _, shape = POOLS[case]
     errors = mnn.gradcheck(make(), tie_free(np.random.default_rng(case), shape))
     assert max(errors.values()) <= 1e-7
 
 
+@pytest.mark.parametrize("case", range(5))
+def test_pooling_gradcheck_on_channels_last_memory(case, compute_path):
+    make, _, shape = POOLS[case]
+    model = Sequential(channels_last_identity(shape[1]), make())
+    errors = mnn.gradcheck(model, tie_free(np.random.default_rng(case), shape))
+    assert max(errors.values()) <= 1e-7
+
+
 @pytest.mark.parametrize("np_dtype, torch_dtype, tol", DTYPES)
 @pytest.mark.parametrize("case", range(len(POOLS)))
-def test_pooling_matches_pytorch(case, np_dtype, torch_dtype, tol):
+def test_pooling_matches_pytorch(case, np_dtype, torch_dtype, tol, compute_path):
     make, make_torch, shape = POOLS[case]
     rng = np.random.default_rng(10 + case)
     x = randn(rng, shape, np_dtype)
@@ -55,9 +71,11 @@ def test_pooling_matches_pytorch(case, np_dtype, torch_dtype, tol):
         yt.backward(torch.from_numpy(dy))
         assert y.dtype == np_dtype and dx.dtype == np_dtype and y.shape == tuple(yt.shape)
         assert rel(y, yt) <= tol and rel(dx, xt.grad) <= tol
+        if x_in is channels_last and case < 5:  # the windowed pools keep the input's memory layout
+            assert y.transpose(0, 2, 3, 1).flags.c_contiguous and dx.strides[1] == dx.itemsize
 
 
-def test_max_pool_sends_each_window_gradient_to_its_first_maximum():
+def test_max_pool_sends_each_window_gradient_to_its_first_maximum(compute_path):
     x = np.array([[[[1.0, 3.0], [3.0, 2.0]]]])
     layer = MaxPool2d(2)
     assert layer.forward(x).item() == 3.0

@@ -47,8 +47,8 @@ class ReLU(Module):
     """
 
     def forward(self, x):
-        if jit.usable(x):
-            y, mask = xp.empty(x.shape, dtype=x.dtype), xp.empty(x.shape, dtype=bool)
+        if jit.usable_any_layout(x):  # any dense layout: y and the mask keep x's (e.g. channels-last)
+            y, mask = xp.empty_like(x), xp.empty_like(x, dtype=bool)
             _relu_kernel(jit.flat(x), jit.flat(y), jit.flat(mask))  # Eq. (1)
         else:
             mask = x > 0
@@ -59,8 +59,8 @@ class ReLU(Module):
     def backward(self, dy):
         mask = self.pop_cache()
         check_output_grad(self, dy, mask.shape)
-        if jit.usable(dy, mask):
-            dx = xp.empty(dy.shape, dtype=dy.dtype)
+        if jit.usable_any_layout(dy, mask):
+            dx = xp.empty_like(dy)
             _relu_backward_kernel(jit.flat(dy), jit.flat(mask), jit.flat(dx))  # Eq. (2)
             return dx
         return dy * mask  # Eq. (2)

@@ -2,6 +2,9 @@ r"""BatchNorm1d and BatchNorm2d: normalisation over the batch, with running stat
 
 from __future__ import annotations
 
+import numpy
+
+from mnn import jit
 from mnn.backend import default_dtype, xp
 from mnn.errors import ShapeError
 from mnn.module import Module, check_output_grad
@@ -46,28 +49,37 @@ class _BatchNorm(Module):
         m = rows.shape[0]
         use_batch = self.training or not self.track_running_stats
         real = x.dtype.type
+        compiled = jit.usable(rows)
         if use_batch:
             if m < 2 and self.training:
                 raise ShapeError(f"{self!r}: expected more than 1 value per channel when training, got shape "
                                  f"{tuple(x.shape)}")
-            ones = xp.ones(m, dtype=x.dtype)
-            mean = (ones @ rows) * real(1.0 / m)  # Eq. (1)
-            x_hat = rows - mean  # Eq. (2): x - mu
-            variance = (ones @ (x_hat * x_hat)) * real(1.0 / m)  # Eq. (1), biased
+            if compiled:  # one pass: both sums of Eq. (1)
+                mean, variance = xp.empty(rows.shape[1]), xp.empty(rows.shape[1])
+                _moments_kernel(rows, mean, variance)
+                mean, variance = mean.astype(x.dtype), variance.astype(x.dtype)
+            else:
+                ones = xp.ones(m, dtype=x.dtype)
+                mean = (ones @ rows) * real(1.0 / m)  # Eq. (1)
+                centred = rows - mean  # x - mu
+                variance = (ones @ (centred * centred)) * real(1.0 / m)  # Eq. (1), biased
             rstd = 1.0 / xp.sqrt(variance + real(self.eps))  # Eq. (1)
-            x_hat *= rstd  # Eq. (2)
             if self.training and self.track_running_stats:
                 self._update_running(mean, variance, m)
         else:
+            mean = self.buffers["running_mean"].astype(x.dtype)
             rstd = 1.0 / xp.sqrt(self.buffers["running_var"].astype(x.dtype) + real(self.eps))
-            x_hat = (rows - self.buffers["running_mean"].astype(x.dtype)) * rstd  # Eq. (2) with the buffers
-        if self.affine:
-            y = x_hat * self.params["weight"].astype(x.dtype, copy=False)  # Eq. (2)
-            y += self.params["bias"].astype(x.dtype, copy=False)  # Eq. (2)
-            scale = rstd * self.params["weight"].astype(x.dtype, copy=False)  # gamma r
+            centred = None
+        scale = rstd * self.params["weight"].astype(x.dtype, copy=False) if self.affine else rstd  # gamma r
+        shift = self.params["bias"].astype(x.dtype, copy=False) if self.affine else xp.zeros_like(rstd)  # beta
+        if compiled:
+            y = xp.empty_like(rows)
+            _affine_kernel(rows, mean, scale, shift, y)  # Eq. (2): (x - mu) gamma r + beta, one pass
         else:
-            y, scale = x_hat.copy(), rstd
-        self.cache = (x_hat, scale, x.shape, use_batch)
+            y = rows - mean if centred is None else centred
+            y *= scale  # Eq. (2): (x - mu) gamma r
+            y += shift  # Eq. (2): + beta
+        self.cache = (rows, mean, rstd, scale, x.shape, use_batch)
         return self._unrows(y, x.shape)
 
     def _update_running(self, mean, variance, m: int) -> None:
@@ -82,28 +94,95 @@ class _BatchNorm(Module):
         running_var += (rho * m / (m - 1) * variance).astype(running_var.dtype)  # Eq. (3): unbiased
 
     def backward(self, dy):
-        x_hat, scale, shape, batch_stats = self.pop_cache()
+        rows, mean, rstd, scale, shape, batch_stats = self.pop_cache()
         check_output_grad(self, dy, shape)
         g = self._rows(dy)
         m = g.shape[0]
-        ones = xp.ones(m, dtype=dy.dtype)
-        sum_g = ones @ g  # Eq. (6): dL/dbeta
-        sum_g_x_hat = ones @ (g * x_hat)  # Eq. (6): dL/dgamma
+        compiled = jit.usable(g, rows)
+        if compiled:  # one pass: both sums of Eq. (6)
+            sum_g, sum_g_centred = xp.empty(g.shape[1]), xp.empty(g.shape[1])
+            _gradient_sums_kernel(g, rows, mean, sum_g, sum_g_centred)
+            sum_g, sum_g_centred = sum_g.astype(dy.dtype), sum_g_centred.astype(dy.dtype)
+        else:
+            ones = xp.ones(m, dtype=dy.dtype)
+            sum_g = ones @ g  # Eq. (6): dL/dbeta
+            sum_g_centred = ones @ (g * (rows - mean))  # sum g (x - mu)
+        sum_g_x_hat = sum_g_centred * rstd  # Eq. (6): dL/dgamma = r sum g (x - mu)
         if self.affine:
             self.grads["weight"] += sum_g_x_hat  # Eq. (6)
             self.grads["bias"] += sum_g  # Eq. (6)
         if not batch_stats:  # evaluation with running statistics: a diagonal Jacobian
             return self._unrows(g * scale, shape)  # Eq. (6)
         real = dy.dtype.type
-        dx = g * real(m)
-        dx -= sum_g  # Eq. (5): m g - sum g
-        dx -= x_hat * sum_g_x_hat  # Eq. (5): - x_hat sum(g x_hat)
-        dx *= scale * real(1.0 / m)  # Eq. (5): times gamma r / m
+        slope = -scale * rstd * sum_g_x_hat * real(1.0 / m)  # Eq. (7): - gamma r^2 sum(g x_hat) / m
+        offset = -scale * sum_g * real(1.0 / m)  # Eq. (7): - gamma r sum(g) / m
+        if compiled:
+            dx = xp.empty_like(g)
+            _input_gradient_kernel(g, rows, mean, scale, slope, offset, dx)  # Eq. (7), one pass
+        else:
+            dx = rows - mean
+            dx *= slope  # Eq. (7)
+            dx += g * scale  # Eq. (7)
+            dx += offset  # Eq. (7)
         return self._unrows(dx, shape)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}")
+
+
+@jit.kernel
+def _moments_kernel(rows, mean, variance):
+    r"""Eq. (1) in one pass over ``rows`` ``(m, C)``: each column's mean and biased variance, summed in float64.
+
+    The sums are of the deviations from the first row ($d = x - x_1$; then
+    $\mu = x_1 + \bar d$, $\sigma^2 = \overline{d^2} - \bar d^2$), which
+    keeps the one-pass variance exact to rounding when the mean is large against the spread.
+    """
+    m, C = rows.shape
+    first = numpy.empty(C)
+    total, squares = numpy.zeros(C), numpy.zeros(C)
+    for c in range(C):
+        first[c] = rows[0, c]
+    for k in range(m):
+        for c in range(C):
+            d = rows[k, c] - first[c]
+            total[c] += d
+            squares[c] += d * d
+    for c in range(C):
+        average = total[c] / m
+        mean[c] = first[c] + average  # Eq. (1)
+        variance[c] = max(squares[c] / m - average * average, 0.0)  # Eq. (1)
+
+
+@jit.kernel
+def _affine_kernel(rows, mean, scale, shift, y):
+    """Eq. (2) in one pass: ``y = (x - mu) * gamma r + beta`` for every row."""
+    m, C = rows.shape
+    for k in range(m):
+        for c in range(C):
+            y[k, c] = (rows[k, c] - mean[c]) * scale[c] + shift[c]  # Eq. (2)
+
+
+@jit.kernel
+def _gradient_sums_kernel(g, rows, mean, sum_g, sum_g_centred):
+    r"""The sums of Eq. (6) in one pass, in float64: $\sum_k g_k$ and $\sum_k g_k (x_k - \mu)$ per column."""
+    m, C = g.shape
+    sum_g[:] = 0.0
+    sum_g_centred[:] = 0.0
+    for k in range(m):
+        for c in range(C):
+            sum_g[c] += g[k, c]
+            sum_g_centred[c] += g[k, c] * (rows[k, c] - mean[c])
+
+
+@jit.kernel
+def _input_gradient_kernel(g, rows, mean, scale, slope, offset, dx):
+    """Eq. (7) in one pass: ``dx = gamma r g + slope (x - mu) + offset``, the coefficients per column."""
+    m, C = g.shape
+    for k in range(m):
+        for c in range(C):
+            dx[k, c] = g[k, c] * scale[c] + (rows[k, c] - mean[c]) * slope[c] + offset[c]  # Eq. (7)
 
 
 class BatchNorm1d(_BatchNorm):
@@ -188,12 +267,28 @@ class BatchNorm2d(_BatchNorm):
     \Big(\text{evaluation: } \frac{\partial L}{\partial x_k} = \gamma\, r\, g_k\Big). \tag{6}
     $$
 
+    The code computes (5) with $\hat x_k = (x_k - \mu) r$ expanded, as one
+    affine map per channel of $g_k$ and $x_k - \mu$ (coefficients from the
+    two sums of (6), computed once per channel):
+
+    $$
+    \frac{\partial L}{\partial x_k} = \gamma r\, g_k
+    + \underbrace{\Big(-\frac{\gamma r^2}{m} \sum_j g_j \hat x_j\Big)}_{\text{slope}} (x_k - \mu)
+    + \underbrace{\Big(-\frac{\gamma r}{m} \sum_j g_j\Big)}_{\text{offset}}, \qquad
+    \sum_j g_j \hat x_j = r \sum_j g_j (x_j - \mu). \tag{7}
+    $$
+
     Working layout: the values of each channel are gathered as the columns of
     an ``(m, C)`` matrix (a view for a channels-last input such as
-    :class:`~mnn.layers.Conv2d`'s output, a copy otherwise); each channel sum
-    is a BLAS product with a vector of ones. A 4-D output is returned in
-    channels-last memory. Cache: $\hat x$ ``(m, C)`` and $\gamma r$ ``(C,)``
-    (evaluation: the same, $\hat x$ for $\partial L / \partial \gamma$).
+    :class:`~mnn.layers.Conv2d`'s output, a copy otherwise); a 4-D output is
+    returned in channels-last memory. numpy path: each channel sum is a BLAS
+    product with a vector of ones. With numba (:mod:`mnn.jit`) each step is
+    one pass over the rows, vectorised over the channels: forward the two sums
+    of (1) (float64, deviations from the first row, so $\sigma^2$ does not
+    cancel when $|\mu| \gg \sigma$) and the map (2); backward the two sums of
+    (6) and the map (7). Cache: the input rows $x$, $\mu$, $r$ and $\gamma r$
+    (``(C,)`` each): (7) needs $x - \mu$, not $\hat x$, and not storing
+    $\hat x$ saves a write over all $m C$ values.
 
     Args:
         num_features: $C$.

@@ -7,14 +7,38 @@ output positions; backward adds into the same views.
 
 from __future__ import annotations
 
+import numpy
+
+from mnn import jit
 from mnn.backend import xp
 from mnn.errors import ShapeError
 from mnn.layers.conv import output_size, pair
 from mnn.module import Module, check_input, check_output_grad
 
 
+def _planes(x, channels_last: bool):
+    """``(N, C, H, W)`` as the 4-D C-contiguous array ``(A, H, W, B)`` the pooling loops run over, a view of ``x``
+    in its own layout: ``(N, H, W, C)`` for channels-last memory, ``(N C, H, W, 1)`` for NCHW (else a copy)."""
+    N, C, H, W = x.shape
+    if channels_last:
+        return xp.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    return xp.ascontiguousarray(x).reshape(N * C, H, W, 1)
+
+
+def _unplanes(planes, N: int, C: int, channels_last: bool):
+    """``(A, H_o, W_o, B)`` back to the NCHW shape ``(N, C, H_o, W_o)``, in the input's memory layout."""
+    if channels_last:
+        return planes.transpose(0, 3, 1, 2)
+    return planes.reshape(N, C, planes.shape[1], planes.shape[2])
+
+
 def _windows(layer, x, fill):
-    """``(padded input, H_o, W_o, views)``: the view of every kernel offset, Eq. (1) of the pooling layers."""
+    """``(planes, H_o, W_o, views, channels_last)``: the view of every kernel offset, Eq. (1) of the pooling layers.
+
+    The windows slide over axes 1 and 2 of :func:`_planes`, so a channels-last
+    input (:class:`~mnn.layers.Conv2d`'s output) is read in its own memory
+    order, whole channel vectors at a time, and the output keeps that layout.
+    """
     check_input(layer, x, ndim=4)
     N, C, H, W = x.shape
     (kH, kW), (sH, sW), (pH, pW) = layer.kernel_size, layer.stride, layer.padding
@@ -24,25 +48,28 @@ def _windows(layer, x, fill):
     if Ho < 1 or Wo < 1:
         raise ShapeError(f"{layer!r}: the kernel {kH}x{kW} is larger than the padded input "
                          f"{H + 2 * pH}x{W + 2 * pW} (input shape {tuple(x.shape)})")
-    padded = x
+    channels_last = not x.flags.c_contiguous and x.transpose(0, 2, 3, 1).flags.c_contiguous
+    planes = _planes(x, channels_last)
+    padded = planes
     if pH or pW:
-        padded = xp.full((N, C, H + 2 * pH, W + 2 * pW), fill, dtype=x.dtype)
-        padded[:, :, pH:pH + H, pW:pW + W] = x
-    views = [padded[:, :, u:u + sH * (Ho - 1) + 1:sH, v:v + sW * (Wo - 1) + 1:sW]
+        A, _, _, B = planes.shape
+        padded = xp.full((A, H + 2 * pH, W + 2 * pW, B), fill, dtype=x.dtype)
+        padded[:, pH:pH + H, pW:pW + W] = planes
+    views = [padded[:, u:u + sH * (Ho - 1) + 1:sH, v:v + sW * (Wo - 1) + 1:sW]
              for u in range(kH) for v in range(kW)]
-    return padded, Ho, Wo, views
+    return planes, Ho, Wo, views, channels_last
 
 
-def _scatter(layer, shape, dy, parts):
-    """Add ``parts[k]`` (the gradient of offset k's view) into a zero padded input; return its interior."""
+def _scatter(layer, shape, dy_planes, parts, channels_last):
+    """Add ``parts[k]`` (the gradient of offset k's view) into a zero padded input; return its interior (NCHW)."""
     N, C, H, W = shape
     (_, kW), (sH, sW), (pH, pW) = layer.kernel_size, layer.stride, layer.padding
-    Ho, Wo = dy.shape[2:]
-    dpadded = xp.zeros((N, C, H + 2 * pH, W + 2 * pW), dtype=dy.dtype)
+    A, Ho, Wo, B = dy_planes.shape
+    dpadded = xp.zeros((A, H + 2 * pH, W + 2 * pW, B), dtype=dy_planes.dtype)
     for k, part in enumerate(parts):
         u, v = divmod(k, kW)
-        dpadded[:, :, u:u + sH * (Ho - 1) + 1:sH, v:v + sW * (Wo - 1) + 1:sW] += part  # one strided add per offset
-    return dpadded[:, :, pH:pH + H, pW:pW + W]
+        dpadded[:, u:u + sH * (Ho - 1) + 1:sH, v:v + sW * (Wo - 1) + 1:sW] += part  # one strided add per offset
+    return _unplanes(dpadded[:, pH:pH + H, pW:pW + W], N, C, channels_last)
 
 
 class _Pool2d(Module):
@@ -87,25 +114,74 @@ class MaxPool2d(_Pool2d):
     Ties go to the first entry in window order (row-major), as in PyTorch.
 
     Cache: the arg-max of each output as the index of its kernel offset
-    (one byte per output) and the input's shape.
+    (one byte per output) and the input's shape. With numba (:mod:`mnn.jit`)
+    (1) is one compiled pass over the windows and (2) one over the outputs;
+    both read a channels-last input in its own memory order and return the
+    gradient in it.
     """
 
     def forward(self, x):
-        _, _, _, views = _windows(self, x, -xp.inf)
-        y = views[0].copy()  # Eq. (1)
-        argmax = xp.zeros(y.shape, dtype=xp.uint8)
-        for k, view in enumerate(views[1:], start=1):
-            larger = view > y  # strict: the first maximum wins ties
-            xp.copyto(y, view, where=larger)  # Eq. (1)
-            argmax[larger] = k  # Eq. (1)
-        self.cache = (argmax, x.shape)
-        return y
+        planes, Ho, Wo, views, channels_last = _windows(self, x, -xp.inf)
+        N, C = x.shape[:2]
+        if jit.usable(planes):  # one compiled pass over the windows: Eq. (1)
+            y = xp.empty(views[0].shape, dtype=x.dtype)
+            argmax = xp.empty(y.shape, dtype=xp.uint8)
+            _max_pool_kernel(planes, *self.kernel_size, *self.stride, *self.padding, y, argmax)
+        else:
+            y = views[0].copy()  # Eq. (1)
+            argmax = xp.zeros(y.shape, dtype=xp.uint8)
+            for k, view in enumerate(views[1:], start=1):
+                larger = view > y  # strict: the first maximum wins ties
+                xp.copyto(y, view, where=larger)  # Eq. (1)
+                xp.copyto(argmax, xp.uint8(k), where=larger)  # Eq. (1)
+        self.cache = (argmax, x.shape, channels_last)
+        return _unplanes(y, N, C, channels_last)
 
     def backward(self, dy):
-        argmax, shape = self.pop_cache()
-        check_output_grad(self, dy, argmax.shape)
+        argmax, shape, channels_last = self.pop_cache()
+        N, C = shape[:2]
+        check_output_grad(self, dy, (N, C, *argmax.shape[1:3]))
+        g = _planes(dy, channels_last)  # the layout of the forward input (a view when dy has it)
+        if jit.usable(g, argmax):  # one compiled pass: Eq. (2)
+            dx = xp.zeros((argmax.shape[0], *shape[2:], argmax.shape[3]), dtype=dy.dtype)
+            _max_pool_backward_kernel(g, argmax, self.kernel_size[1], *self.stride, *self.padding, dx)
+            return _unplanes(dx, N, C, channels_last)
         count = self.kernel_size[0] * self.kernel_size[1]
-        return _scatter(self, shape, dy, (dy * (argmax == k) for k in range(count)))  # Eq. (2)
+        return _scatter(self, shape, g, (g * (argmax == k) for k in range(count)), channels_last)  # Eq. (2)
+
+
+@jit.kernel
+def _max_pool_kernel(x, kH, kW, sH, sW, pH, pW, y, argmax):
+    """MaxPool2d Eq. (1) on ``(A, H, W, B)`` planes: each window's maximum and the offset ``k = u k_W + v`` of its
+    first occurrence (padding counts as -inf, as the numpy path's; a NaN in the first entry stays, as there)."""
+    A, H, W, B = x.shape
+    Ho, Wo = y.shape[1], y.shape[2]
+    for a in range(A):
+        for i in range(Ho):
+            for j in range(Wo):
+                for k in range(kH * kW):
+                    h, w = i * sH - pH + k // kW, j * sW - pW + k % kW
+                    inside = 0 <= h < H and 0 <= w < W
+                    for b in range(B):
+                        value = x[a, h, w, b] if inside else -numpy.inf
+                        if k == 0 or value > y[a, i, j, b]:  # strict: the first maximum wins ties
+                            y[a, i, j, b] = value  # Eq. (1)
+                            argmax[a, i, j, b] = k  # Eq. (1)
+
+
+@jit.kernel
+def _max_pool_backward_kernel(dy, argmax, kW, sH, sW, pH, pW, dx):
+    """MaxPool2d Eq. (2): add each output's gradient to its window's arg-max in ``dx`` (zeros, ``(A, H, W, B)``)."""
+    A, Ho, Wo, B = dy.shape
+    H, W = dx.shape[1], dx.shape[2]
+    for a in range(A):
+        for i in range(Ho):
+            for j in range(Wo):
+                for b in range(B):
+                    k = argmax[a, i, j, b]
+                    h, w = i * sH - pH + k // kW, j * sW - pW + k % kW
+                    if 0 <= h < H and 0 <= w < W:  # a padding arg-max's gradient is dropped
+                        dx[a, h, w, b] += dy[a, i, j, b]  # Eq. (2)
 
 
 class AvgPool2d(_Pool2d):
@@ -127,20 +203,20 @@ class AvgPool2d(_Pool2d):
     """
 
     def forward(self, x):
-        _, _, _, views = _windows(self, x, 0.0)
+        _, Ho, Wo, views, channels_last = _windows(self, x, 0.0)
         y = views[0].copy()
         for view in views[1:]:
             y += view  # Eq. (1)
         y *= x.dtype.type(1.0 / len(views))  # Eq. (1)
-        self.cache = (x.shape, y.shape)
-        return y
+        self.cache = (x.shape, (*x.shape[:2], Ho, Wo), channels_last)
+        return _unplanes(y, *x.shape[:2], channels_last)
 
     def backward(self, dy):
-        shape, out_shape = self.pop_cache()
+        shape, out_shape, channels_last = self.pop_cache()
         check_output_grad(self, dy, out_shape)
         count = self.kernel_size[0] * self.kernel_size[1]
-        part = dy * dy.dtype.type(1.0 / count)  # Eq. (2)
-        return _scatter(self, shape, dy, [part] * count)  # Eq. (2)
+        part = _planes(dy, channels_last) * dy.dtype.type(1.0 / count)  # Eq. (2)
+        return _scatter(self, shape, part, [part] * count, channels_last)  # Eq. (2)
 
 
 class AdaptiveAvgPool2d(Module):
