@@ -11,6 +11,7 @@ from torch.nn import functional as F
 import mnn
 from mnn.errors import ShapeError
 from mnn.layers import Conv2d
+from mnn.module import Sequential
 
 # (in, out, kernel, stride, padding, dilation, groups, input H x W)
 GRID = [
@@ -30,7 +31,7 @@ def make(config, dtype, bias=True, seed=0):
 
 
 @pytest.mark.parametrize("config", GRID[:5])
-def test_conv2d_gradcheck(config):
+def test_conv2d_gradcheck(config, compute_path):
     layer = make(config, np.float64, bias=config[6] == 1 or config[0] != config[1])
     x = randn(np.random.default_rng(1), (2, config[0], *config[7]))
     errors = mnn.gradcheck(layer, x)
@@ -38,15 +39,30 @@ def test_conv2d_gradcheck(config):
     assert max(errors.values()) <= 1e-7, errors
 
 
+@pytest.mark.parametrize("config", [GRID[0], GRID[3]])
+def test_conv2d_gradcheck_on_channels_last_memory(config, compute_path):
+    """Behind another Conv2d: the input (channels-last) is read in place, the input gradient is channels-last."""
+    model = Sequential(Conv2d(config[0], config[0], 1, rng=np.random.default_rng(5), dtype=np.float64),
+                       make(config, np.float64))
+    errors = mnn.gradcheck(model, randn(np.random.default_rng(1), (2, config[0], *config[7])))
+    assert max(errors.values()) <= 1e-7, errors
+
+
 @pytest.mark.parametrize("np_dtype, torch_dtype, tol", DTYPES)
 @pytest.mark.parametrize("config", GRID)
-def test_conv2d_matches_pytorch(config, np_dtype, torch_dtype, tol):
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_conv2d_matches_pytorch(config, np_dtype, torch_dtype, tol, layout, compute_path):
     rng = np.random.default_rng(2)
     layer = make(config, np_dtype)
     x = randn(rng, (3, config[0], *config[7]), np_dtype)
+    if layout == "channels_last":  # as a previous Conv2d returns it
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     y = layer.forward(x)
     dy = randn(rng, y.shape, np_dtype)
+    if layout == "channels_last":
+        dy = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     dx = layer.backward(dy)
+    assert y.transpose(0, 2, 3, 1).flags.c_contiguous and dx.strides[1] == dx.itemsize  # channels-last memory
     xt = torch.tensor(x, requires_grad=True)
     wt = torch.tensor(layer.params["weight"], requires_grad=True)
     bt = torch.tensor(layer.params["bias"], requires_grad=True)

@@ -11,6 +11,7 @@ import math
 
 import numpy
 
+from mnn import jit
 from mnn.backend import default_dtype, xp
 from mnn.errors import ShapeError
 from mnn.module import Module, check_input, check_output_grad
@@ -62,7 +63,14 @@ class Conv2d(Module):
     for a fixed offset, (2) is the strided view
     $\tilde x[:, :, du : du + sH_o : s,\ dv : dv + sW_o : s]$ of the padded
     input, copied into its place in a preallocated buffer. There is no loop
-    over output positions, only $k_H k_W$ copies.
+    over output positions, only $k_H k_W$ copies. With numba (:mod:`mnn.jit`)
+    and more than one channel per group, (2) is instead one compiled pass
+    that reads $x$ in place (the padding is written as zeros, no padded copy
+    of $x$ is made), and col2im (7) one compiled pass that adds into the
+    gradient of $x$ directly (measured at batch 128, 32 -> 64 channels on
+    14x14: forward and backward 15 ms against 24 ms for the slice copies;
+    with one channel per group the $k_H k_W$ slice copies are the faster:
+    2.3 ms for the loop against 1.4 ms).
 
     Working layout. Internally the layer works channels-last (NHWC): the
     padded input is ``(N, H+2p, W+2p, C_in)``, the columns
@@ -239,14 +247,18 @@ class Conv2d(Module):
                              f"than the padded input {H + 2 * pH}x{W + 2 * pW} (input shape {tuple(x.shape)})")
         G = self.groups
         Cg = C // G
-        padded = xp.zeros((N, H + 2 * pH, W + 2 * pW, C), dtype=x.dtype)  # x~, NHWC
-        padded[:, pH:pH + H, pW:pW + W, :] = x.transpose(0, 2, 3, 1)
-        padded = padded.reshape(N, H + 2 * pH, W + 2 * pW, G, Cg)
         cols = self._column_buffer((N, Ho, Wo, G, kH, kW, Cg), x.dtype)  # X_col, Eq. (2)
-        for u in range(kH):
-            for v in range(kW):  # one slice copy per kernel offset: Eq. (2)
-                cols[:, :, :, :, u, v, :] = padded[:, dH * u:dH * u + sH * (Ho - 1) + 1:sH,
-                                                   dW * v:dW * v + sW * (Wo - 1) + 1:sW]
+        if jit.usable(cols) and Cg > 1:  # one compiled pass, straight from x (a view when channels-last): Eq. (2)
+            _im2col_kernel(xp.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(N, H, W, G, Cg), cols,
+                           sH, sW, pH, pW, dH, dW)
+        else:
+            padded = xp.zeros((N, H + 2 * pH, W + 2 * pW, C), dtype=x.dtype)  # x~, NHWC
+            padded[:, pH:pH + H, pW:pW + W, :] = x.transpose(0, 2, 3, 1)
+            padded = padded.reshape(N, H + 2 * pH, W + 2 * pW, G, Cg)
+            for u in range(kH):
+                for v in range(kW):  # one slice copy per kernel offset: Eq. (2)
+                    cols[:, :, :, :, u, v, :] = padded[:, dH * u:dH * u + sH * (Ho - 1) + 1:sH,
+                                                       dW * v:dW * v + sW * (Wo - 1) + 1:sW]
         M, K = N * Ho * Wo, kH * kW * Cg
         kernel = self._kernel_matrix().astype(x.dtype, copy=False)
         if G == 1:
@@ -282,6 +294,11 @@ class Conv2d(Module):
         kernel = self._kernel_matrix().astype(dy.dtype, copy=False)
         dcols = self._column_buffer(cols.shape, dy.dtype)
         xp.matmul(rows_g, kernel.transpose(0, 2, 1), out=dcols.reshape(M, G, K).transpose(1, 0, 2))  # Eq. (6)
+        if jit.usable(dcols) and Cg > 1:  # col2im in one compiled pass, into x's shape (no padded buffer): Eq. (7)
+            dx = xp.zeros((N, H, W, G, Cg), dtype=dy.dtype)
+            _col2im_kernel(dcols, dx, sH, sW, pH, pW, dH, dW)
+            self._spare = dcols
+            return dx.reshape(N, H, W, C).transpose(0, 3, 1, 2)  # NCHW shape, channels-last memory
         dpadded = xp.zeros((N, H + 2 * pH, W + 2 * pW, G, Cg), dtype=dy.dtype)
         for u in range(kH):
             for v in range(kW):  # col2im: one strided add per kernel offset, Eq. (7)
@@ -302,3 +319,44 @@ class Conv2d(Module):
         if "bias" not in self.params:
             text += ", bias=False"
         return text + ("" if self.input_grad else ", input_grad=False")
+
+
+@jit.kernel
+def _im2col_kernel(x, cols, sH, sW, pH, pW, dH, dW):
+    """Eq. (2) in one pass: ``cols[n, i, j, g, u, v, c]`` is ``x[n, s i + d u - p, s j + d v - p, g, c]``, or 0
+    in the padding; ``x`` is ``(N, H, W, G, C_g)`` (channels-last), so each copy moves a channel vector."""
+    N, H, W, G, Cg = x.shape
+    Ho, Wo, kH, kW = cols.shape[1], cols.shape[2], cols.shape[4], cols.shape[5]
+    for n in range(N):
+        for i in range(Ho):
+            for j in range(Wo):
+                for g in range(G):
+                    for u in range(kH):
+                        h = i * sH - pH + u * dH
+                        for v in range(kW):
+                            w = j * sW - pW + v * dW
+                            if 0 <= h < H and 0 <= w < W:
+                                for c in range(Cg):
+                                    cols[n, i, j, g, u, v, c] = x[n, h, w, g, c]  # Eq. (2)
+                            else:
+                                for c in range(Cg):
+                                    cols[n, i, j, g, u, v, c] = 0.0  # the zero padding of x~
+
+
+@jit.kernel
+def _col2im_kernel(dcols, dx, sH, sW, pH, pW, dH, dW):
+    """Eq. (7) in one pass: add each column entry's gradient into the input entry it was copied from (entries
+    copied from the padding are dropped); ``dx`` is zeros ``(N, H, W, G, C_g)``."""
+    N, H, W, G, Cg = dx.shape
+    Ho, Wo, kH, kW = dcols.shape[1], dcols.shape[2], dcols.shape[4], dcols.shape[5]
+    for n in range(N):
+        for i in range(Ho):
+            for j in range(Wo):
+                for g in range(G):
+                    for u in range(kH):
+                        h = i * sH - pH + u * dH
+                        for v in range(kW):
+                            w = j * sW - pW + v * dW
+                            if 0 <= h < H and 0 <= w < W:
+                                for c in range(Cg):
+                                    dx[n, h, w, g, c] += dcols[n, i, j, g, u, v, c]  # Eq. (7)
