@@ -18,7 +18,9 @@ class CNN(Sequential):
         8 Flatten   9 Linear(3136, 128)   10 ReLU   [11 Dropout]   11|12 Linear(128, 10)
 
     The convolutions have no bias: the BatchNorm after each subtracts the
-    channel mean, which would cancel it. The state dict (``0.weight``,
+    channel mean, which would cancel it. The first is built with
+    ``input_grad=False``: its input is the data, whose gradient nothing uses
+    (``backward`` returns ``None``), as the first ``Linear`` of :class:`~mnn.models.mlp.MLP`. The state dict (``0.weight``,
     ``1.running_mean``, ``9.weight``, ...) loads strictly into the same
     layers written as a ``torch.nn.Sequential``.
 
@@ -43,8 +45,9 @@ class CNN(Sequential):
         rng = numpy.random.default_rng(seed)
         layers, size, previous = [], image_size, in_channels
         for width in channels:
-            layers += [Conv2d(previous, width, 3, padding=1, bias=False, rng=rng), BatchNorm2d(width), ReLU(),
-                       MaxPool2d(2)]
+            first = not layers  # fed with data: its input gradient is never used
+            layers += [Conv2d(previous, width, 3, padding=1, bias=False, rng=rng, input_grad=not first),
+                       BatchNorm2d(width), ReLU(), MaxPool2d(2)]
             previous, size = width, size // 2
         layers += [Flatten(), Linear(previous * size * size, hidden, rng=rng), ReLU()]
         if dropout > 0:
