@@ -143,8 +143,11 @@ class MaxPool2d(_Pool2d):
         check_output_grad(self, dy, (N, C, *argmax.shape[1:3]))
         g = _planes(dy, channels_last)  # the layout of the forward input (a view when dy has it)
         if jit.usable(g, argmax):  # one compiled pass: Eq. (2)
-            dx = xp.zeros((argmax.shape[0], *shape[2:], argmax.shape[3]), dtype=dy.dtype)
-            _max_pool_backward_kernel(g, argmax, self.kernel_size[1], *self.stride, *self.padding, dx)
+            (kH, kW), (sH, sW), (H, W) = self.kernel_size, self.stride, shape[2:]
+            tiled = (kH, kW) == (sH, sW) and self.padding == (0, 0) and H % kH == 0 and W % kW == 0
+            allocate = xp.empty if tiled else xp.zeros  # tiled windows: the kernel writes every entry
+            dx = allocate((argmax.shape[0], H, W, argmax.shape[3]), dtype=dy.dtype)
+            _max_pool_backward_kernel(g, argmax, kH, kW, sH, sW, *self.padding, tiled, dx)
             return _unplanes(dx, N, C, channels_last)
         count = self.kernel_size[0] * self.kernel_size[1]
         return _scatter(self, shape, g, (g * (argmax == k) for k in range(count)), channels_last)  # Eq. (2)
@@ -170,13 +173,21 @@ def _max_pool_kernel(x, kH, kW, sH, sW, pH, pW, y, argmax):
 
 
 @jit.kernel
-def _max_pool_backward_kernel(dy, argmax, kW, sH, sW, pH, pW, dx):
-    """MaxPool2d Eq. (2): add each output's gradient to its window's arg-max in ``dx`` (zeros, ``(A, H, W, B)``)."""
+def _max_pool_backward_kernel(dy, argmax, kH, kW, sH, sW, pH, pW, tiled, dx):
+    """MaxPool2d Eq. (2): add each output's gradient to its window's arg-max in ``dx`` ``(A, H, W, B)``, zeros;
+    or, when the windows ``tiled`` the input exactly (stride = kernel, no padding), write every entry of an
+    empty ``dx``: the gradient at the arg-max, 0 elsewhere (one pass, no separate zeroing)."""
     A, Ho, Wo, B = dy.shape
     H, W = dx.shape[1], dx.shape[2]
     for a in range(A):
         for i in range(Ho):
             for j in range(Wo):
+                if tiled:
+                    for k in range(kH * kW):
+                        h, w = i * sH + k // kW, j * sW + k % kW
+                        for b in range(B):
+                            dx[a, h, w, b] = dy[a, i, j, b] if argmax[a, i, j, b] == k else 0.0  # Eq. (2)
+                    continue
                 for b in range(B):
                     k = argmax[a, i, j, b]
                     h, w = i * sH - pH + k // kW, j * sW - pW + k % kW
