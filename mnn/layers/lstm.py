@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mnn import jit
 from mnn.backend import xp
-from mnn.layers.rnn import RecurrentBase, accumulate_weight_grads, project_inputs
+from mnn.layers.rnn import RecurrentBase, StepProduct, accumulate_weight_grads, project_inputs
 
 
 class LSTM(RecurrentBase):
@@ -127,12 +127,12 @@ class LSTM(RecurrentBase):
         h[0], c[0] = state0
         bias = None if b_ih is None else self._half_sigmoid_rows(b_ih + b_hh)
         gates = project_inputs(x, self._half_sigmoid_rows(w_ih), bias)  # Eq. (1), halved, all steps: (T, B, 4H)
-        w_hh_t = xp.ascontiguousarray(self._half_sigmoid_rows(w_hh).T)  # a transposed view: 3-6x slower products
+        recurrent_product = StepProduct(self._half_sigmoid_rows(w_hh).T, B)  # contiguous column blocks
         recurrent = xp.empty((B, 4 * H), dtype=x.dtype)
         compiled = jit.usable(gates, c)
         for t in range(T):
             a = gates[t]
-            xp.matmul(h[t], w_hh_t, out=recurrent)
+            recurrent_product(h[t], recurrent)
             a += recurrent  # Eq. (1)
             xp.tanh(a, out=a)  # Eq. (2): tanh(a^g) and tanh(a/2) for the sigmoids
             if compiled:
@@ -155,6 +155,7 @@ class LSTM(RecurrentBase):
         dgates = xp.empty_like(gates)  # dL/da_t for every step, (T, B, 4H)
         dh, dc = dstateT[0].copy(), dstateT[1].copy()  # gradients reaching h_t, c_t from later steps
         compiled = jit.usable(dgates, gates, tanh_c, c, doutput, dh, dc)
+        carry = StepProduct(w_hh, dh.shape[0])  # contiguous column blocks of W_hh
         for t in reversed(range(T)):
             a, da = gates[t], dgates[t]
             if compiled:
@@ -168,7 +169,7 @@ class LSTM(RecurrentBase):
                 da[:, H:2 * H] = dc * c[t] * f * (1.0 - f)  # Eq. (7)
                 da[:, 2 * H:3 * H] = dc * i * (1.0 - g * g)  # Eq. (7)
                 dc *= f  # Eq. (8)
-            xp.matmul(da, w_hh, out=dh)  # Eq. (9)
+            carry(da, dh)  # Eq. (9)
         dx = accumulate_weight_grads(dgates, x, dgates, h[:T], weights, grads)  # Eq. (10)
         return dx, [dh, dc]
 
