@@ -222,6 +222,45 @@ def torch_gpt(state):
     return model
 
 
+def mnn_language_model_side(model, replicas: int, adamw: dict, data: dict) -> Side:
+    """The loop body of :mod:`mnn.train.language_model`: ``replicas`` threads, clip 1.0, AdamW ``adamw``."""
+    from mnn.losses import CrossEntropyLoss  # noqa: PLC0415
+    from mnn.optim import AdamW, clip_grad_norm, param_groups  # noqa: PLC0415
+    from mnn.parallel import DataParallel  # noqa: PLC0415
+
+    parallel = DataParallel(model, CrossEntropyLoss(), replicas)  # as the language-model loop runs it
+    optimizer = AdamW(param_groups(model, adamw["weight_decay"]), lr=adamw["lr"], betas=adamw["betas"])
+    grads = [grad for _, grad in model.named_grads()]
+    x, y = data["x"], data["y"]
+
+    def step():
+        optimizer.zero_grad()
+        loss = parallel.forward_backward(x, y)
+        clip_grad_norm(grads, GRAD_CLIP)
+        optimizer.step()
+        return loss
+
+    return Side(step, float, [model, optimizer, parallel])
+
+
+def torch_language_model_side(model, logits_of, optimizer, data: dict) -> Side:
+    """The loop body of nanoGPT's train.py (no AMP, no compile): ``logits_of(x)``, clip 1.0, ``optimizer``."""
+    import torch  # noqa: PLC0415
+
+    x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"])
+
+    def step():
+        logits = logits_of(x)
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        optimizer.step()
+        return loss
+
+    return Side(step, lambda loss: float(loss.item()), [model, optimizer])
+
+
 class GPTStep(Case):
     """nanoGPT's CPU config: forward, cross-entropy, backward, clip_grad_norm 1.0, AdamW step."""
 
@@ -234,25 +273,9 @@ class GPTStep(Case):
         return gpt_state(), {"x": tokens[:, :-1].copy(), "y": tokens[:, 1:].copy()}
 
     def build_mnn(self, state, data):
-        from mnn.losses import CrossEntropyLoss  # noqa: PLC0415
-        from mnn.optim import AdamW, clip_grad_norm, param_groups  # noqa: PLC0415
-        from mnn.parallel import DataParallel  # noqa: PLC0415
         from mnn.train.language_model import GPTTrainConfig  # noqa: PLC0415
 
-        model = mnn_gpt(state)
-        parallel = DataParallel(model, CrossEntropyLoss(), GPTTrainConfig.replicas)  # as train_gpt runs it
-        optimizer = AdamW(param_groups(model, ADAMW["weight_decay"]), lr=ADAMW["lr"], betas=ADAMW["betas"])
-        grads = [grad for _, grad in model.named_grads()]
-        x, y = data["x"], data["y"]
-
-        def step():  # the loop body of mnn.train.language_model
-            optimizer.zero_grad()
-            loss = parallel.forward_backward(x, y)
-            clip_grad_norm(grads, GRAD_CLIP)
-            optimizer.step()
-            return loss
-
-        return Side(step, float, [model, optimizer, parallel])
+        return mnn_language_model_side(mnn_gpt(state), GPTTrainConfig.replicas, ADAMW, data)
 
     def build_torch(self, state, data):
         import torch  # noqa: PLC0415
@@ -262,18 +285,7 @@ class GPTStep(Case):
         model = torch_gpt(state)
         optimizer = torch.optim.AdamW(param_groups(model, ADAMW["weight_decay"]), lr=ADAMW["lr"],
                                       betas=ADAMW["betas"])
-        x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"])
-
-        def step():  # the loop body of nanoGPT's train.py (no AMP, no compile)
-            logits, _ = model(x)
-            loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-            optimizer.step()
-            return loss
-
-        return Side(step, lambda loss: float(loss.item()), [model, optimizer])
+        return torch_language_model_side(model, lambda x: model(x)[0], optimizer, data)
 
     def build_floor(self, state, data):
         return floor_side(gpt_gemms(GPT_BATCH, GPT_CPU["block_size"], backward=True))
@@ -357,5 +369,8 @@ class GPTGenerate(Case):
 
 def all_cases(generated_tokens: int = GPT_CPU["block_size"] - 1) -> list[Case]:
     """Every case; ``generated_tokens`` per timed generation step (fewer for a quick run)."""
+    from benchmarks.cases_conv_rnn import conv_rnn_cases  # noqa: PLC0415 - it imports this module
+
     return [MLPStep(64), MLPStep(512), GPTStep(),
-            GPTGenerate(cached=False, tokens=generated_tokens), GPTGenerate(cached=True, tokens=generated_tokens)]
+            GPTGenerate(cached=False, tokens=generated_tokens), GPTGenerate(cached=True, tokens=generated_tokens),
+            *conv_rnn_cases()]

@@ -1,7 +1,8 @@
 """The PyTorch side of the benchmark: what a user would write instead of mnn.
 
-An MLP as ``nn.Sequential`` and nanoGPT's GPT (same module names, so mnn's
-``state_dict()`` loads into it unchanged), written the way nanoGPT writes it:
+An MLP as ``nn.Sequential``, the CNN and the character LSTM (issues 14, 15),
+and nanoGPT's GPT (same module names, so mnn's ``state_dict()`` loads into it
+unchanged), written the way nanoGPT writes it:
 ``F.scaled_dot_product_attention`` with ``is_causal=True``, ``F.layer_norm``,
 tied ``lm_head``. nanoGPT has no key/value cache; :meth:`GPT.forward` takes an
 optional ``past`` (one ``(K, V)`` pair per layer) so that cached generation
@@ -107,3 +108,31 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def cnn(channels=(32, 64), hidden: int = 128, num_classes: int = 10, image_size: int = 28) -> nn.Sequential:
+    """mnn.models.CNN in ``torch.nn``: conv3x3 (no bias)-BatchNorm2d-ReLU-MaxPool2d(2) blocks, Flatten, fc, fc.
+
+    The same ``nn.Sequential`` indices as mnn's (``0.weight``, ``1.running_mean``, ``9.weight``, ...).
+    """
+    layers, previous, size = [], 1, image_size
+    for width in channels:
+        layers += [nn.Conv2d(previous, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                   nn.MaxPool2d(2)]
+        previous, size = width, size // 2
+    layers += [nn.Flatten(), nn.Linear(previous * size * size, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)]
+    return nn.Sequential(*layers)
+
+
+class CharRNN(nn.Module):
+    """mnn.models.CharRNN (cell ``lstm``, dropout 0) in ``torch.nn``: ``wte``, ``rnn`` (batch first), ``head``."""
+
+    def __init__(self, vocab_size: int, n_embd: int, hidden_size: int, num_layers: int) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.rnn = nn.LSTM(n_embd, hidden_size, num_layers, batch_first=True)
+        self.head = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, idx):
+        """``idx (B, T)`` -> logits ``(B, T, V)`` from a zero initial state."""
+        return self.head(self.rnn(self.wte(idx))[0])

@@ -102,7 +102,7 @@ def test_machine_date_bars_and_chart(quick_run):
         if " time " in bar:
             assert verdict["value"] == results["cases"][case]["ratio"]["mnn/torch"]
         assert verdict["pass"] == (verdict["value"] <= float(bar.split("<=")[1]))
-    assert len(results["bars"]) == 4
+    assert len(results["bars"]) == 7  # six time bars (MLP x2, GPT, CNN, LSTM x2), the GPT memory bar
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = compare.format_table(results)
     assert all(name in table for name in results["cases"])
@@ -121,6 +121,30 @@ def test_linear_without_input_gradient_gives_the_same_parameter_gradients():
     for key in ("weight", "bias"):
         np.testing.assert_array_equal(full.grads[key], skip.grads[key])
     assert "input_grad=False" in repr(skip) and "input_grad" not in repr(full)
+
+
+def test_the_torch_cnn_and_char_rnn_load_mnns_state_dicts_and_compute_the_same_logits():
+    torch = pytest.importorskip("torch")
+    from benchmarks import torch_models
+    from mnn.models import CNN, CharRNN
+
+    rng = np.random.default_rng(0)
+    for mnn_model, torch_model, x in (
+            (CNN(seed=0).eval(), torch_models.cnn().eval(), rng.standard_normal((3, 1, 28, 28), dtype=np.float32)),
+            (CharRNN(65, 16, 32, 2, seed=0), torch_models.CharRNN(65, 16, 32, 2), rng.integers(0, 65, (2, 7)))):
+        torch_model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in mnn_model.state_dict().items()})
+        with torch.no_grad():
+            expected = torch_model(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(mnn_model.forward(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_new_cases_have_bars_and_their_floors_run():
+    from benchmarks.cases_conv_rnn import CONV_SHAPES, conv_rnn_cases
+
+    names = [case.name for case in conv_rnn_cases()]
+    assert names == ["cnn_train", *CONV_SHAPES, "lstm_train_b12", "lstm_train_b32"]
+    assert {"cnn_train", "lstm_train_b12", "lstm_train_b32"} <= set(compare.BARS)
+    assert all(compare.BARS[name] == 1.0 for name in ("cnn_train", "lstm_train_b12", "lstm_train_b32"))
 
 
 def test_sides_take_turns_a_b_then_b_a_until_each_is_done():

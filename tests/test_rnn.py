@@ -228,3 +228,17 @@ def test_backward_without_forward_or_after_no_grad_fails():
         output, _ = rnn.forward(np.zeros((2, 1, 3), np.float32))
     with pytest.raises(RuntimeError, match="no_grad"):
         rnn.backward(output)
+
+
+@pytest.mark.parametrize("batch, k, n", [(6, 256, 1024), (16, 1024, 256), (2, 8, 12), (33, 64, 96)])
+def test_the_time_loops_block_product_equals_one_product(batch, k, n):
+    from mnn.layers.rnn import SMALL_PRODUCT, StepProduct
+
+    rng = np.random.default_rng(0)
+    w, x = rng.standard_normal((k, n)), rng.standard_normal((batch, k))
+    product = StepProduct(w.T.copy().T, batch)  # a transposed view, as the layers pass W_hh^T
+    widths = {j1 - j0 for j0, j1, _ in product.blocks}
+    assert all(block.flags.c_contiguous for _, _, block in product.blocks)
+    assert len(product.blocks) == 1 or max(widths) * batch * k <= SMALL_PRODUCT
+    out = np.empty((batch, n))
+    np.testing.assert_allclose(product(x, out), x @ w, rtol=1e-12, atol=1e-12)
