@@ -2,7 +2,12 @@ r"""Spatial pooling of ``(N, C, H, W)`` batches: MaxPool2d, AvgPool2d and Adapti
 
 Each window is visited as in :class:`~mnn.layers.Conv2d`: one strided view
 of the (padded) input per kernel offset $(u, v)$, so there is no loop over
-output positions; backward adds into the same views.
+output positions; backward adds into the same views. The views are taken
+of the input in its own memory layout (:func:`_planes`): a channels-last
+input, as :class:`~mnn.layers.Conv2d` returns, is read whole channel vectors
+at a time, and the output and the input gradient keep its layout, so the
+next element-wise layer runs on dense memory. MaxPool2d has compiled loops
+(:mod:`mnn.jit`) beside the numpy path, tested against it.
 """
 
 from __future__ import annotations
