@@ -41,10 +41,8 @@ class ReLU(Module):
 
     (At $x_i = 0$ the derivative is taken as 0, as PyTorch does.) With numba
     (:mod:`mnn.jit`), (1) writes the mask and the output in one compiled pass
-    over the input, and (2) is one pass too (numpy: two each). The passes run
-    over any dense layout in memory order (:func:`mnn.jit.usable_any_layout`):
-    a channels-last input, as :class:`~mnn.layers.Conv2d` returns, gives a
-    channels-last output and mask, and a gradient in that layout is read in place.
+    over the input, and (2) is one pass too (numpy: two each), over any dense
+    layout (:func:`mnn.jit.usable_any_layout`; e.g. Conv2d's channels-last output, kept).
 
     Cache: the boolean mask $\mathbb{1}[x > 0]$, one byte per element.
     """
@@ -172,8 +170,6 @@ class Log(Module):
         x = self.pop_cache()
         check_output_grad(self, dy, x.shape)
         return dy / x  # Eq. (2)
-
-
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
