@@ -253,9 +253,13 @@ class BatchNorm2d(_BatchNorm):
     $$
 
     the compact form the code computes: two channel sums and element-wise
-    work. It is the Jacobian $\partial \hat x / \partial x = \frac{r}{m}(m I - \mathbf{1}\mathbf{1}^\top
-    - \hat x \hat x^\top)$ (symmetric) applied to $\hat g$, LayerNorm's
-    Jacobian with the batch in place of the features. Consequence: with
+    work. It is the symmetric Jacobian
+
+    $$
+    \frac{\partial \hat x}{\partial x} = \frac{r}{m}\left(m I - \mathbf{1}\mathbf{1}^\top - \hat x \hat x^\top\right)
+    $$
+
+    applied to $\hat g$, LayerNorm's Jacobian with the batch in place of the features. Consequence: with
     $\beta = 0$ the sum $\sum_k y_k = \gamma \sum_k \hat x_k = 0$ for every
     $x$, so a check of ``y.sum()`` proves nothing; the tests use random
     upstream gradients and random $\gamma, \beta$. The parameters are
