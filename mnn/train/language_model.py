@@ -89,6 +89,8 @@ CharRNNTrainConfig.model = "char-rnn"
 CHAR_RNN_PRESETS = {
     # The GPT CPU recipe's budget: about its parameter count (0.88M against 0.80M) and its data per step.
     "shakespeare-char-cpu": {},
+    # The same network trained longer, with dropout between and after the layers.
+    "shakespeare-char-long": {"max_iters": 5000, "dropout": 0.1, "eval_interval": 500},
 }
 
 PRESETS = {
