@@ -282,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def overrides(args, config_class) -> dict:
-    """The options given on the command line that name a field of ``config_class``."""
-    fields = config_class.__dataclass_fields__
+    """The options given on the command line that name a field of ``config_class`` (its saved options)."""
+    fields = {field.name for field in dataclasses.fields(config_class)}
     return {key: value for key, value in vars(args).items() if key in fields and value is not None}
 
 

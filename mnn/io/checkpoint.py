@@ -20,6 +20,7 @@ weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -221,7 +222,7 @@ def resume_config(folder, config_class, overrides: dict, fixed: tuple, command: 
     kind = metadata["config"].get("kind", "gpt" if "n_layer" in metadata["config"] else None)
     if kind != command:
         raise CheckpointError(f"{path}: a checkpoint of 'mnn train {kind}', not of 'mnn train {command}'")
-    fields = config_class.__dataclass_fields__
+    fields = {field.name for field in dataclasses.fields(config_class)}
     unknown = sorted(set(saved) - set(fields))
     if unknown:
         raise CheckpointError(f"{path}: unknown options {unknown} in its train_config")

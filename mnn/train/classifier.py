@@ -7,6 +7,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy
 
@@ -28,6 +29,7 @@ from mnn.train.reporting import log
 class MLPTrainConfig:
     """Everything that defines an MLP run (saved with its weights)."""
 
+    model: ClassVar[str] = "mlp"  # the registry name of the model it trains (not a saved option)
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     hidden: list[int] = field(default_factory=lambda: [256])
@@ -53,6 +55,7 @@ class MLPTrainConfig:
 class CNNTrainConfig:
     """Everything that defines a CNN run (saved with its weights); the options the MLP has mean the same here."""
 
+    model: ClassVar[str] = "cnn"
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     channels: list[int] = field(default_factory=lambda: [32, 64])
@@ -75,9 +78,6 @@ class CNNTrainConfig:
     skip_nonfinite: bool = False
     replicas: int = 2  # slices of each batch run at once in threads (mnn.parallel); BatchNorm sees each slice
 
-
-MLPTrainConfig.model = "mlp"  # the model each config trains (a class attribute, not a saved option)
-CNNTrainConfig.model = "cnn"
 
 # Named recipes: `mnn train mlp|cnn --preset NAME`. Measured figures are in the README.
 CNN_PRESETS = {

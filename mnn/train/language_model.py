@@ -5,11 +5,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy
 
 from mnn.backend import asarray, xp
-from mnn.data import CharTokenizer, load_text, random_windows, split_train_val, tiny_shakespeare_path
+from mnn.data import (
+    CharTokenizer,
+    load_text,
+    random_windows,
+    split_train_val,
+    tiny_shakespeare_path,
+)
 from mnn.errors import CheckpointError, DataError
 from mnn.io import WEIGHTS_NAME, load_model, save_model
 from mnn.io.checkpoint import finite_or_none, model_generators
@@ -22,17 +29,13 @@ from mnn.train.reporting import log
 
 
 @dataclass
-class GPTTrainConfig:
-    """One GPT run; field names follow nanoGPT's ``train.py``."""
+class LanguageModelTrainConfig:
+    """The options every character language model's run has; field names follow nanoGPT's ``train.py``."""
 
     data: str | None = None
     out: str = "runs/gpt"
-    block_size: int = 64
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
+    block_size: int = 64  # the window length T (the GPT's context; the span of backpropagation through time)
     dropout: float = 0.0
-    bias: bool = False  # nanoGPT train.py: no biases in Linear and LayerNorm
     batch_size: int = 12
     max_iters: int = 2000
     learning_rate: float = 1e-3
@@ -53,38 +56,29 @@ class GPTTrainConfig:
 
 
 @dataclass
-class CharRNNTrainConfig:
-    """One char-rnn run (an LSTM, GRU or RNN stack); the options it shares with the GPT mean the same."""
+class GPTTrainConfig(LanguageModelTrainConfig):
+    """One GPT run: the shared options and the Transformer's shape."""
 
-    data: str | None = None
+    model: ClassVar[str] = "gpt"  # the registry name of the model it trains (not a saved option)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    bias: bool = False  # nanoGPT train.py: no biases in Linear and LayerNorm
+
+
+@dataclass
+class CharRNNTrainConfig(LanguageModelTrainConfig):
+    """One char-rnn run (an LSTM, GRU or RNN stack): the shared options and the stack's shape."""
+
+    model: ClassVar[str] = "char-rnn"
     out: str = "runs/lstm"
+    learning_rate: float = 2e-3
+    min_lr: float = 2e-4
     cell: str = "lstm"
-    block_size: int = 64  # the window length T that backpropagation through time runs over
     n_embd: int = 64
     hidden_size: int = 256
     num_layers: int = 2
-    dropout: float = 0.0
-    batch_size: int = 12
-    max_iters: int = 2000
-    learning_rate: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_iters: int = 100
-    lr_decay_iters: int | None = None
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    eval_interval: int = 250
-    eval_iters: int = 200
-    log_interval: int = 50
-    seed: int = 1337
-    checkpoint_interval: int | None = None
-    skip_nonfinite: bool = False
-    replicas: int = 2
 
-
-GPTTrainConfig.model = "gpt"  # the model each config trains (a class attribute, not a saved option)
-CharRNNTrainConfig.model = "char-rnn"
 
 CHAR_RNN_PRESETS = {
     # The GPT CPU recipe's budget: about its parameter count (0.88M against 0.80M) and its data per step.
