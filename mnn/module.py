@@ -153,6 +153,22 @@ class Module:
     def num_parameters(self) -> int:
         return sum(int(p.size) for _, p in self.named_parameters())
 
+    # -- accounting --------------------------------------------------------
+    def flops(self, *input_shapes) -> tuple[int, int]:
+        """Matrix-product FLOPs of this module's own forward and backward for inputs of these shapes.
+
+        A layer with matrix products states their count in its docstring beside the
+        equations it counts, and overrides this; element-wise layers, gathers and
+        containers (whose sub-modules count their own) keep the default ``(0, 0)``.
+        """
+        return 0, 0
+
+    def summary(self, batch_shape, dtype=None):
+        """Parameters, FLOPs per pass and cached bytes, layer by layer: :func:`mnn.summary.summary`."""
+        from mnn.summary import summary  # noqa: PLC0415 - the accounting imports containers, not the reverse
+
+        return summary(self, batch_shape, dtype)
+
     def release_caches(self) -> None:
         """Drop the forward cache of this module and every sub-module (after a forward with no backward)."""
         for _, module in self.named_modules():

@@ -29,7 +29,7 @@ READING_ORDER = [
     "losses",
     "optim", "optim.optimizer", "optim.sgd", "optim.adam", "optim.schedules",
     "models", "models.mlp", "models.gpt",
-    "parallel", "gradcheck",
+    "parallel", "gradcheck", "summary",
     "io", "io.safetensors", "io.weights", "io.checkpoint", "io.interop",
     "data", "data.idx", "data.vision", "data.batches", "data.text", "data.download",
     "train", "train.loop", "train.classifier", "train.language_model", "train.reporting",

@@ -101,6 +101,12 @@ class MultiHeadAttention(Module):
     Cache: only $(B, T)$ here; each sub-layer keeps its own: ``c_attn`` its
     input, the two products their factors ($sQ$, $K^\top$ and $A$, $V$, views
     into one buffer), the softmax $P$, dropout its mask, ``c_proj`` $Y_{\text{all}}$.
+
+    FLOPs (matrix products, counted by the sub-layers): ``c_attn`` $6BTC^2$ and
+    ``c_proj`` $2BTC^2$ forward (:class:`~mnn.layers.Linear`); the full
+    $T \times T$ products $QK^\top$ of (2) and $AV$ of (3), $2BT^2C$ each
+    forward (all $NH$ heads; the masked entries are computed too); backward
+    twice the forward: (4) and (6) are $4BT^2C$ each.
     """
 
     def __init__(self, n_embd: int, n_head: int, causal: bool = True, dropout: float = 0.0,

@@ -175,6 +175,12 @@ class Conv2d(Module):
     another $k_H k_W$ slice copies; keeping it costs $k_H k_W$ times the
     input's memory (measured: caching the columns is the faster of the two).
 
+    FLOPs (:meth:`flops`, matrix products), with $M = N H_o W_o$ rows and
+    $K = k_H k_W C_g$: forward (3) is $2MKC_{\mathrm{out}}$ (all groups);
+    backward (4) and (6) are $2MKC_{\mathrm{out}}$ each, $4MKC_{\mathrm{out}}$
+    in all ($2MKC_{\mathrm{out}}$ with ``input_grad=False``). The copies of
+    im2col (2) and the adds of col2im (7) are not products and not counted.
+
     Args:
         in_channels: $C_{\mathrm{in}}$.
         out_channels: $C_{\mathrm{out}}$.
@@ -307,6 +313,14 @@ class Conv2d(Module):
         self._spare = dcols
         dpadded = dpadded.reshape(N, H + 2 * pH, W + 2 * pW, C)
         return dpadded[:, pH:pH + H, pW:pW + W, :].transpose(0, 3, 1, 2)  # Eq. (7): drop the padding's gradient
+
+    def flops(self, x_shape) -> tuple[int, int]:
+        """``(2 M K C_out, 4 M K C_out)`` (backward halved without ``input_grad``): Eqs. (3), (4) and (6)."""
+        N, _, H, W = x_shape
+        (kH, kW), (sH, sW), (pH, pW), (dH, dW) = self.kernel_size, self.stride, self.padding, self.dilation
+        rows = N * output_size(H, kH, sH, pH, dH) * output_size(W, kW, sW, pW, dW)
+        product = 2 * rows * kH * kW * (self.in_channels // self.groups) * self.out_channels  # Eq. (3)
+        return product, product * (2 if self.input_grad else 1)  # Eqs. (4) and (6)
 
     def extra_repr(self) -> str:
         text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

@@ -66,6 +66,8 @@ class Embedding(Module):
         rng: a ``numpy.random.Generator`` for the initialisation, $\mathcal{N}(0, 1)$ as in PyTorch.
 
     Cache: the ids (``int``, the input's shape), nothing else.
+
+    FLOPs: no matrix product (0): (1) is a gather and (2) a scatter of sums.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int,

@@ -95,6 +95,9 @@ class GRU(RecurrentBase):
 
     Cache per layer and direction: $X$ and $h_0, \dots, h_T$ (Eqs. 7-9), the gates
     $r, z, n$ of every step (Eqs. 5-7) and $a^h_n$ (Eq. 6).
+
+    FLOPs: :meth:`~mnn.layers.rnn.RecurrentBase.flops` with $G = 3$, the
+    products of (1) forward and of (8), (9) backward.
     """
 
     GATES = 3

@@ -67,6 +67,11 @@ class Linear(Module):
 
     Parameters are initialised as in PyTorch: $U(-1/\sqrt{n}, 1/\sqrt{n})$.
     Cache: the input $X$ (needed by Eq. 3).
+
+    FLOPs (:meth:`flops`, matrix products for $N$ rows): forward (1) is $2Nnm$;
+    backward (2) and (3) are $2Nnm$ each, $4Nnm$ in all ($2Nnm$ with
+    ``input_grad=False``). The bias terms of (1) and (4) are element-wise
+    work and not counted.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -100,6 +105,12 @@ class Linear(Module):
         if not self.input_grad:
             return None
         return dy @ self.params["weight"]  # Eq. (2)
+
+    def flops(self, x_shape) -> tuple[int, int]:
+        """``(2Nnm, 4Nnm)`` (backward ``2Nnm`` without ``input_grad``): Eqs. (1), (2)-(3), for ``x (..., n)``."""
+        rows = math.prod(x_shape[:-1])
+        product = 2 * rows * self.in_features * self.out_features  # Eq. (1), and each of (2), (3)
+        return product, product * (2 if self.input_grad else 1)
 
     def extra_repr(self) -> str:
         skip = "" if self.input_grad else ", input_grad=False"

@@ -105,6 +105,9 @@ class LSTM(RecurrentBase):
     Cache per layer and direction: $X$ (Eq. 10), the gates $i, f, g, o$ of every
     step (Eqs. 5-7), $c_0, \dots, c_T$ (Eq. 7 needs $c_{t-1}$), $\tanh c_t$
     (Eqs. 5, 6) and $h_0, \dots, h_T$ (Eq. 10).
+
+    FLOPs: :meth:`~mnn.layers.rnn.RecurrentBase.flops` with $G = 4$, the
+    products of (1) forward and of (9), (10) backward.
     """
 
     GATES = 4

@@ -2,6 +2,8 @@ r"""MatrixProduct: a layer with two inputs, $C = A B$, and both gradients from o
 
 from __future__ import annotations
 
+import math
+
 from mnn.backend import xp
 from mnn.errors import ShapeError
 from mnn.module import Module, check_output_grad
@@ -68,6 +70,9 @@ class MatrixProduct(Module):
     Shapes: ``Q (..., n, k)``, ``P (..., k, m)``, ``D (..., n, m)`` with the same
     leading dimensions on both inputs. ``backward(dD)`` returns ``(dQ, dP)``.
     Cache: both inputs (each is needed for the other's gradient).
+
+    FLOPs (:meth:`flops`): forward (1) is $2nkm$ per leading index; backward
+    (2) and (3) are $2nkm$ each, $4nkm$ in all.
     """
 
     def forward(self, q, p, out=None):
@@ -83,3 +88,9 @@ class MatrixProduct(Module):
         dq = dd @ xp.swapaxes(p, -1, -2)  # Eq. (2)
         dp = xp.swapaxes(q, -1, -2) @ dd  # Eq. (3)
         return dq, dp
+
+    def flops(self, q_shape, p_shape) -> tuple[int, int]:
+        """``(2nkm, 4nkm)`` times the leading dimensions: Eq. (1), then Eqs. (2) and (3)."""
+        *leading, n, k = q_shape
+        product = 2 * math.prod(leading) * n * k * p_shape[-1]  # Eq. (1), and each of (2), (3)
+        return product, 2 * product

@@ -62,6 +62,16 @@ class RecurrentBase(Module):
 
     Cache: per layer and direction, what the cell's backward needs (its
     docstring says what), and the dropout masks.
+
+    FLOPs (:meth:`flops`, matrix products), per layer and direction with $n$
+    input features, $G$ gate blocks, $T$ steps of $B$ rows: forward, the input
+    projections $2TBnGH$ (one product) and the recurrent products
+    $h_{t-1} W_{hh}^\top$, $2BHGH$ at each of the $T$ steps (the first too,
+    with $h_0$); backward, the product with $W_{hh}$ that carries the gradient
+    to $h_{t-1}$ at every step ($2TBGH^2$, the last giving
+    $\partial L / \partial h_0$), then $\partial L / \partial W_{ih}$ and
+    $\partial L / \partial X$ ($2TBnGH$ each) and $\partial L / \partial W_{hh}$
+    ($2TBGH^2$): $4TBGH(n + H)$, twice the forward.
     """
 
     GATES = 1  # gate blocks stacked in each weight
@@ -230,6 +240,15 @@ class RecurrentBase(Module):
             result.append(part)
         return result
 
+    def flops(self, x_shape, *state_shapes) -> tuple[int, int]:
+        """``(2TBGH(n + H), 4TBGH(n + H))`` summed over layers and directions (see the class docstring)."""
+        T, B = x_shape[:2] if not self.batch_first else x_shape[1::-1]
+        rows, forward = self.GATES * self.hidden_size, 0
+        for k in range(self.num_layers):
+            fan_in = self.input_size if k == 0 else self.directions * self.hidden_size
+            forward += self.directions * 2 * T * B * rows * (fan_in + self.hidden_size)  # input + recurrent
+        return forward, 2 * forward  # carry, dW_hh: 2TBGH^2 each; dW_ih, dX: 2TBGHn each
+
     # -- one direction of one layer: what a cell supplies ------------------------------------------
     def _forward_direction(self, x, state0, w_ih, w_hh, b_ih, b_hh):
         """``x (T, B, in)`` and ``state0`` (list of ``(B, H)``) to ``(output (T, B, H), final state list, cache)``."""
@@ -377,6 +396,9 @@ class RNN(RecurrentBase):
 
     Cache per layer and direction: the input $X$ and $h_0, \dots, h_T$ (Eq. 4 needs
     $X$ and $H_{-1}$; Eq. 2 needs $\phi'$, a function of $h_t$).
+
+    FLOPs: :meth:`RecurrentBase.flops` with $G = 1$, the products of (1)
+    forward and of (3), (4) backward.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
