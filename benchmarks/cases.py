@@ -27,6 +27,10 @@ MLP_LR, MLP_MOMENTUM = 0.1, 0.9
 # nanoGPT's README recipe for a CPU (with mnn's recipe defaults: bias on, dropout 0).
 GPT_CPU = {"block_size": 64, "vocab_size": 65, "n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.0, "bias": True}
 GPT_BATCH = 12
+# nanoGPT's GPU config (config/train_shakespeare_char.py: 6 layers, 6 heads, 384, T 256, no bias), dropout 0.
+GPT_LARGE = {"block_size": 256, "vocab_size": 65, "n_layer": 6, "n_head": 6, "n_embd": 384, "dropout": 0.0,
+             "bias": False}
+GPT_LARGE_BATCH = 8
 ADAMW = {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1}
 GRAD_CLIP = 1.0
 
@@ -38,6 +42,7 @@ class Side:
     step: Callable[[], object]
     loss: Callable[[object], float] | None = None
     keep: list = field(default_factory=list)  # objects the closures need alive
+    flops: float | None = None  # the floor's: its matrix products' floating-point operations per step
 
 
 def cross_entropy(logits_row, target: int) -> float:
@@ -87,9 +92,9 @@ def attention_gemms(batch: int, queries: int, keys: int, head_size: int, backwar
     return products
 
 
-def gpt_gemms(B: int, T: int, backward: bool, keys: int | None = None) -> list:
+def gpt_gemms(B: int, T: int, backward: bool, keys: int | None = None, config: dict = GPT_CPU) -> list:
     """Every matrix product of one GPT forward (and backward) at ``(B, T)`` with ``keys`` attended positions."""
-    c = GPT_CPU
+    c = config
     C, NH, V = c["n_embd"], c["n_head"], c["vocab_size"]
     N, keys = B * T, keys or T
     products = []
@@ -109,7 +114,8 @@ def floor_side(products: list) -> Side:
             numpy.matmul(a, b, out=out)
         return None
 
-    return Side(step, None, [products])
+    flops = sum(2.0 * out.size * a.shape[-1] for a, _, out in products)  # a multiply and an add per term
+    return Side(step, None, [products], flops)
 
 
 # -- the cases ---------------------------------------------------------------------
@@ -121,6 +127,7 @@ class Case:
     unit = "step"  # what one reported time is for
     units_per_step = 1  # how many units one timed step holds (tokens for generation)
     training = True
+    extra_sides: tuple = ()  # sides beyond mnn, torch and floor (PyTorch compiled, for the GPT)
 
     def prepare(self) -> tuple[dict, dict]:
         raise NotImplementedError
@@ -196,28 +203,28 @@ class MLPStep(Case):
                           + linear_gemms(self.batch, hidden, n_out))
 
 
-def gpt_state() -> dict:
+def gpt_state(config: dict = GPT_CPU) -> dict:
     from mnn.models.gpt import GPT, GPTConfig  # noqa: PLC0415
 
-    model = GPT(GPTConfig(**GPT_CPU), seed=0)
+    model = GPT(GPTConfig(**config), seed=0)
     return {name: numpy.array(value, copy=True) for name, value in model.state_dict().items()}
 
 
-def mnn_gpt(state):
+def mnn_gpt(state, config: dict = GPT_CPU):
     from mnn.models.gpt import GPT, GPTConfig  # noqa: PLC0415
 
-    model = GPT(GPTConfig(**GPT_CPU), seed=0)
+    model = GPT(GPTConfig(**config), seed=0)
     model.load_state_dict(state)
     return model
 
 
-def torch_gpt(state):
+def torch_gpt(state, config: dict = GPT_CPU):
     import torch  # noqa: PLC0415
 
     from benchmarks.torch_models import GPT  # noqa: PLC0415
     from mnn.models.gpt import GPTConfig  # noqa: PLC0415
 
-    model = GPT(GPTConfig(**GPT_CPU))
+    model = GPT(GPTConfig(**config))
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()})
     return model
 
@@ -262,33 +269,48 @@ def torch_language_model_side(model, logits_of, optimizer, data: dict) -> Side:
 
 
 class GPTStep(Case):
-    """nanoGPT's CPU config: forward, cross-entropy, backward, clip_grad_norm 1.0, AdamW step."""
+    """A nanoGPT config's training step: forward, cross-entropy, backward, clip_grad_norm 1.0, AdamW step.
 
-    name = "gpt_train"
-    description = "GPT training step, nanoGPT CPU config (B 12, T 64, 4 layers, 4 heads, C 128, V 65)"
+    Besides PyTorch eager, a ``torch_compile`` side: the same model through
+    ``torch.compile`` (inductor, CPU) with the fused AdamW, as a PyTorch user
+    tunes a CPU run; its first step compiles, and that time is reported apart.
+    """
+
+    extra_sides = ("torch_compile",)
+
+    def __init__(self, config: dict = GPT_CPU, batch: int = GPT_BATCH, name: str = "gpt_train",
+                 label: str = "nanoGPT CPU config") -> None:
+        self.config, self.batch, self.name = config, batch, name
+        c = config
+        self.description = (f"GPT training step, {label} (B {batch}, T {c['block_size']}, {c['n_layer']} layers, "
+                            f"{c['n_head']} heads, C {c['n_embd']}, V {c['vocab_size']})")
 
     def prepare(self):
         rng = numpy.random.default_rng(2)
-        tokens = rng.integers(0, GPT_CPU["vocab_size"], (GPT_BATCH, GPT_CPU["block_size"] + 1))
-        return gpt_state(), {"x": tokens[:, :-1].copy(), "y": tokens[:, 1:].copy()}
+        tokens = rng.integers(0, self.config["vocab_size"], (self.batch, self.config["block_size"] + 1))
+        return gpt_state(self.config), {"x": tokens[:, :-1].copy(), "y": tokens[:, 1:].copy()}
 
     def build_mnn(self, state, data):
         from mnn.train.language_model import GPTTrainConfig  # noqa: PLC0415
 
-        return mnn_language_model_side(mnn_gpt(state), GPTTrainConfig.replicas, ADAMW, data)
+        return mnn_language_model_side(mnn_gpt(state, self.config), GPTTrainConfig.replicas, ADAMW, data)
 
-    def build_torch(self, state, data):
+    def build_torch(self, state, data, compiled: bool = False):
         import torch  # noqa: PLC0415
 
         from benchmarks.torch_models import param_groups  # noqa: PLC0415
 
-        model = torch_gpt(state)
+        model = torch_gpt(state, self.config)
         optimizer = torch.optim.AdamW(param_groups(model, ADAMW["weight_decay"]), lr=ADAMW["lr"],
-                                      betas=ADAMW["betas"])
-        return torch_language_model_side(model, lambda x: model(x)[0], optimizer, data)
+                                      betas=ADAMW["betas"], fused=compiled or None)
+        forward = torch.compile(model) if compiled else model
+        return torch_language_model_side(model, lambda x: forward(x)[0], optimizer, data)
+
+    def build_torch_compile(self, state, data):
+        return self.build_torch(state, data, compiled=True)
 
     def build_floor(self, state, data):
-        return floor_side(gpt_gemms(GPT_BATCH, GPT_CPU["block_size"], backward=True))
+        return floor_side(gpt_gemms(self.batch, self.config["block_size"], backward=True, config=self.config))
 
 
 class GPTGenerate(Case):
@@ -372,5 +394,6 @@ def all_cases(generated_tokens: int = GPT_CPU["block_size"] - 1) -> list[Case]:
     from benchmarks.cases_conv_rnn import conv_rnn_cases  # noqa: PLC0415 - it imports this module
 
     return [MLPStep(64), MLPStep(512), GPTStep(),
+            GPTStep(GPT_LARGE, GPT_LARGE_BATCH, "gpt_large_train", "nanoGPT GPU config on the CPU"),
             GPTGenerate(cached=False, tokens=generated_tokens), GPTGenerate(cached=True, tokens=generated_tokens),
             *conv_rnn_cases()]

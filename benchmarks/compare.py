@@ -49,14 +49,16 @@ from pathlib import Path
 
 import numpy
 
+from benchmarks import kernel
 from benchmarks.cases import all_cases
-from benchmarks.workers import Channel, Worker, in_turns, side_environment
+from benchmarks.workers import Channel, Worker, environment, in_turns, side_environment
 
 FRAMEWORKS = ("mnn", "torch")
-SIDES = ("mnn", "torch", "floor")
+SIDES = ("mnn", "torch", "floor")  # every case's; a case may add its extra_sides (torch_compile)
 # The issue's bars (ratios mnn / torch); memory bars compare peak resident memory.
-BARS = {"mlp_train_b64": 0.7, "mlp_train_b512": 1.0, "gpt_train": 1.0,
-        "cnn_train": 1.0, "lstm_train_b12": 1.0, "lstm_train_b32": 1.0}  # issues 14 and 15
+BARS = {"mlp_train_b64": 0.7, "mlp_train_b512": 1.0, "gpt_train": 1.0, "gpt_large_train": 1.0,
+        "cnn_train": 1.0, "lstm_train_b12": 1.0, "lstm_train_b32": 1.0}  # issues 14, 15 and 17
+COMPILED_BARS = ("gpt_train", "gpt_large_train")  # mnn <= torch.compile (issue 17)
 MEMORY_BARS = ("gpt_train",)
 LOSS_RTOL = 1e-4
 BLOCK_SECONDS = 0.5
@@ -112,7 +114,7 @@ def time_interleaved(sides: dict, steps: int, warmup: int, block_seconds: float 
 def serve_side(case_name: str, side_name: str, threads: int, tokens: int) -> None:
     """The worker process of one side: build it, take one checked first step, then run steps on command."""
     channel = Channel()
-    if side_name == "torch":
+    if side_name.startswith("torch"):
         import torch  # noqa: PLC0415
 
         torch.manual_seed(0)
@@ -121,11 +123,15 @@ def serve_side(case_name: str, side_name: str, threads: int, tokens: int) -> Non
     case = next(c for c in all_cases(tokens) if c.name == case_name)
     state, data = case.prepare()
     side = case.build(side_name, state, data)
+    started = time.perf_counter()
     first = side.step()
+    first_seconds = time.perf_counter() - started  # torch.compile compiles here
     from mnn import jit  # noqa: PLC0415 - imported by the case already
     from mnn.backend import MALLOC_RETAINS_FREED_MEMORY  # noqa: PLC0415
 
-    channel.send({"first_loss": side.loss(first) if side.loss else None,
+    channel.send({"first_loss": side.loss(first) if side.loss else None, "first_step_seconds": first_seconds,
+                  "flops": side.flops,
+                  "blas": kernel.torch_blas() if side_name.startswith("torch") else kernel.numpy_blas(),
                   "mnn_malloc_settings": MALLOC_RETAINS_FREED_MEMORY, "mnn_jit": jit.enabled()})
     gc.collect()
     while (command := channel.receive()) is not None:
@@ -145,30 +151,43 @@ def _relative_iqr(values: list) -> float:
 
 
 def run_case(case, steps: int, warmup: int, threads: int, tokens: int, torch_malloc: str,
-             min_seconds: float = 0.0) -> dict:
-    """Start one worker process per side of ``case``, check the first steps, time them; the case's result dict."""
+             min_seconds: float = 0.0, drop=(), compile_side: bool = True) -> dict:
+    """Start one worker process per side of ``case``, check the first steps, time them; the case's result dict.
+
+    ``drop``: environment variables the workers run without (:func:`benchmarks.kernel.benchmark_environment`);
+    ``compile_side``: include the case's ``extra_sides`` (``torch.compile``).
+    """
+    names = SIDES + (case.extra_sides if compile_side else ())
     sides = {}
     try:
-        for name in SIDES:
+        for name in names:
             sides[name] = Worker("benchmarks.compare", ["--worker", case.name, name, "--threads", str(threads),
                                                         "--tokens", str(tokens)],
-                                 side_environment(name, torch_malloc))
-        first_loss = {name: sides[name].greeting["first_loss"] for name in FRAMEWORKS}
-        malloc = {name: sides[name].greeting["mnn_malloc_settings"] for name in SIDES}
+                                 side_environment(name, torch_malloc, drop))
+        first_loss = {name: sides[name].greeting["first_loss"] for name in names if name != "floor"}
+        malloc = {name: sides[name].greeting["mnn_malloc_settings"] for name in names}
+        blas = {name: sides[name].greeting["blas"] for name in names}
+        first_seconds = {name: sides[name].greeting["first_step_seconds"] for name in names}
         compiled = sides["mnn"].greeting["mnn_jit"]
+        flops = sides["floor"].greeting["flops"]
         times, block = time_interleaved(sides, steps, max(warmup - 1, 0), min_seconds=min_seconds)
     finally:
         for worker in sides.values():
             worker.close()
     per_unit = {name: 1000.0 * statistics.median(values) / case.units_per_step for name, values in times.items()}
+    ratio = {"mnn/torch": per_unit["mnn"] / per_unit["torch"], "mnn/floor": per_unit["mnn"] / per_unit["floor"],
+             "torch/floor": per_unit["torch"] / per_unit["floor"]}
+    ratio.update({f"mnn/{name}": per_unit["mnn"] / per_unit[name] for name in names[len(SIDES):]})
     return {
         "description": case.description,
         "unit": case.unit,
         "units_per_step": case.units_per_step,
         "ms": per_unit,
-        "ratio": {"mnn/torch": per_unit["mnn"] / per_unit["torch"],
-                  "mnn/floor": per_unit["mnn"] / per_unit["floor"],
-                  "torch/floor": per_unit["torch"] / per_unit["floor"]},
+        "ratio": ratio,
+        "blas": blas,
+        "matmul_flops_per_step": flops,  # the case's matrix products (the floor's), the same on every side
+        "gflops": {name: flops / (ms * case.units_per_step) / 1e6 for name, ms in per_unit.items()},
+        "first_step_seconds": first_seconds,  # for torch_compile: the compilation
         "spread": {name: _relative_iqr(values) for name, values in times.items()},
         "first_loss": first_loss,
         "mnn_malloc_settings": malloc,
@@ -236,7 +255,7 @@ def probe_memory(case_name: str, framework: str, threads: int, steps: int, token
 
 
 def measure_memory(jobs: list[tuple[str, str]], threads: int, steps: int, tokens: int,
-                   torch_malloc: str = "default") -> dict:
+                   torch_malloc: str = "default", drop=()) -> dict:
     """Run :func:`probe_memory` for every ``(case, framework)`` in its own subprocess, two at a time.
 
     Memory, not time, is measured here, so the probes may overlap.
@@ -245,7 +264,7 @@ def measure_memory(jobs: list[tuple[str, str]], threads: int, steps: int, tokens
         command = [sys.executable, "-m", "benchmarks.compare", "--probe-memory", *job, "--threads", str(threads),
                    "--probe-steps", str(steps), "--tokens", str(tokens)]
         done = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent, check=False,
-                              env={**os.environ, **side_environment(job[1], torch_malloc)})
+                              env=environment(side_environment(job[1], torch_malloc, drop)))
         if done.returncode != 0:
             raise RuntimeError(f"memory probe {job} failed:\n{done.stderr}")
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -259,14 +278,7 @@ def machine_info(threads: int) -> dict:
     import torch  # noqa: PLC0415
     from threadpoolctl import threadpool_info  # noqa: PLC0415
 
-    cpu_model = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu_model = kernel.cpu_model()
     try:
         from importlib.metadata import version  # noqa: PLC0415
 
@@ -298,6 +310,10 @@ def check_bars(cases: dict) -> dict:
         if name in cases:
             ratio = cases[name]["ratio"]["mnn/torch"]
             bars[f"{name} time mnn/torch <= {limit}"] = {"value": ratio, "pass": ratio <= limit}
+    for name in COMPILED_BARS:
+        if "mnn/torch_compile" in cases.get(name, {}).get("ratio", {}):
+            ratio = cases[name]["ratio"]["mnn/torch_compile"]
+            bars[f"{name} time mnn/torch.compile <= 1.0"] = {"value": ratio, "pass": ratio <= 1.0}
     for name in MEMORY_BARS:
         peak = cases.get(name, {}).get("peak_mb")
         if peak:
@@ -307,14 +323,27 @@ def check_bars(cases: dict) -> dict:
 
 
 def format_table(results: dict) -> str:
+    machine = results["machine"]
+    lines = [f"{machine['cpu_model']}, {machine['threads']} thread(s); numpy: {kernel.describe(machine['blas'])}; "
+             f"PyTorch: {kernel.describe(machine['torch_blas'])}"]
+    lines.append(f"peak float32 matrix product: {machine['peak_sgemm_gflops']:.0f} GFLOP/s (numpy, 2048^3); "
+                 "GF/s and MFU count the step's matrix products")
     header = (f"{'case':<24} {'unit':>5} {'mnn ms':>9} {'torch ms':>9} {'floor ms':>9} "
-              f"{'mnn/torch':>9} {'mnn/floor':>9} {'torch/floor':>11} {'mnn MB':>7} {'torch MB':>8}")
-    lines = [header, "-" * len(header)]
+              f"{'mnn/torch':>9} {'mnn/floor':>9} {'torch/floor':>11} {'mnn MB':>7} {'torch MB':>8} "
+              f"{'mnn GF/s':>8} {'MFU':>5} {'compiled ms':>11} {'mnn/compiled':>12}")
+    lines += [header, "-" * len(header)]
     for name, case in results["cases"].items():
         ms, ratio, peak = case["ms"], case["ratio"], case.get("peak_mb") or {}
         memory = "".join(f" {peak[f]:>{w}.1f}" if f in peak else f" {'-':>{w}}" for f, w in (("mnn", 7), ("torch", 8)))
+        compiled = (f" {ms['torch_compile']:>11.3f} {ratio['mnn/torch_compile']:>12.2f}" if "torch_compile" in ms
+                    else f" {'-':>11} {'-':>12}")
         lines.append(f"{name:<24} {case['unit']:>5} {ms['mnn']:>9.3f} {ms['torch']:>9.3f} {ms['floor']:>9.3f} "
-                     f"{ratio['mnn/torch']:>9.2f} {ratio['mnn/floor']:>9.2f} {ratio['torch/floor']:>11.2f}{memory}")
+                     f"{ratio['mnn/torch']:>9.2f} {ratio['mnn/floor']:>9.2f} {ratio['torch/floor']:>11.2f}{memory} "
+                     f"{case['gflops']['mnn']:>8.1f} {case['mfu']['mnn']:>5.0%}{compiled}")
+    compile_seconds = [f"{name} {case['first_step_seconds']['torch_compile']:.1f} s"
+                       for name, case in results["cases"].items() if "torch_compile" in case["first_step_seconds"]]
+    if compile_seconds:
+        lines.append("torch.compile's first step (compiling; not in the times above): " + ", ".join(compile_seconds))
     noisy = [f"{name} {side} {spread:.0%}" for name, case in results["cases"].items()
              for side, spread in case.get("spread", {}).items() if spread > 0.25]
     if noisy:
@@ -376,6 +405,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--torch-malloc", choices=["default", "mnn"], default="default",
                         help="PyTorch's processes with glibc's default malloc settings (as PyTorch users run it) "
                              "or with the ones mnn sets when imported")
+    parser.add_argument("--keep-blas-env", action="store_true",
+                        help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE as set (default: run without them when "
+                             "they force a kernel other than the CPU's own)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile sides (their compiling)")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "SIDE"), help=argparse.SUPPRESS)
     parser.add_argument("--probe-memory", nargs=2, metavar=("CASE", "FRAMEWORK"), help=argparse.SUPPRESS)
     parser.add_argument("--probe-steps", type=int, default=3, help=argparse.SUPPRESS)
@@ -399,22 +432,33 @@ def main(argv=None) -> dict:
     import torch  # noqa: PLC0415
 
     torch.set_num_threads(args.threads)
+    drop, blas_environment = kernel.benchmark_environment(keep=args.keep_blas_env)
+    if blas_environment["message"]:
+        print(blas_environment["message"], file=sys.stderr, flush=True)
+    peak = kernel.peak_sgemm(args.threads, environment(dict.fromkeys(drop)), *((512, 3) if args.quick else ()))
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "command": "python -m benchmarks.compare" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
                "quick": args.quick, "machine": machine_info(args.threads), "torch_malloc": args.torch_malloc,
                "cases": {}}
     for case in cases:
         print(f"timing {case.name} ({steps} interleaved steps) ...", file=sys.stderr, flush=True)
-        result = run_case(case, steps, warmup, args.threads, tokens, args.torch_malloc, min_seconds)
+        result = run_case(case, steps, warmup, args.threads, tokens, args.torch_malloc, min_seconds, drop,
+                          compile_side=not args.no_compile)
         results["cases"][case.name] = result
         losses = result["first_loss"]
-        if abs(losses["mnn"] - losses["torch"]) > LOSS_RTOL * abs(losses["torch"]):
+        if any(abs(losses["mnn"] - loss) > LOSS_RTOL * abs(loss) for loss in losses.values()):
             print(f"WARNING {case.name}: first-step losses differ: {losses}", file=sys.stderr)
+    # What the workers multiplied with (the parent's numpy may run with a forced kernel the workers dropped).
+    first = next(iter(results["cases"].values()))["blas"]
+    results["machine"].update(blas=first["mnn"], torch_blas=first["torch"], blas_environment=blas_environment,
+                              peak_sgemm_gflops=peak)  # 2048^3 float32 products on numpy's BLAS, the threads above
+    for result in results["cases"].values():
+        result["mfu"] = {name: rate / peak for name, rate in result["gflops"].items()}
     results["memory_method"] = None
     if not args.no_memory:
         print("peak memory (a fresh process per framework per case) ...", file=sys.stderr, flush=True)
         jobs = [(case.name, framework) for case in cases for framework in FRAMEWORKS]
-        probes = measure_memory(jobs, args.threads, 2 if args.quick else 3, tokens, args.torch_malloc)
+        probes = measure_memory(jobs, args.threads, 2 if args.quick else 3, tokens, args.torch_malloc, drop)
         for case in cases:
             results["cases"][case.name]["peak_mb"] = {f: probes[(case.name, f)]["peak_mb"] for f in FRAMEWORKS}
             results["cases"][case.name]["import_mb"] = {f: probes[(case.name, f)]["import_mb"] for f in FRAMEWORKS}

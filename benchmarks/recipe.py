@@ -43,7 +43,7 @@ import numpy
 import torch
 from threadpoolctl import threadpool_limits
 
-from benchmarks import torch_models
+from benchmarks import kernel, torch_models
 from benchmarks.workers import Channel, Worker, in_turns, side_environment
 from mnn.data import random_windows, tiny_shakespeare_path
 from mnn.models.gpt import GPT, GPTConfig
@@ -151,7 +151,8 @@ def serve_side(side: str, config: GPTTrainConfig, threads: int, block: int) -> N
     limiter = threadpool_limits(threads)
     from mnn.backend import MALLOC_RETAINS_FREED_MEMORY  # noqa: PLC0415
 
-    channel.send({"side": side, "mnn_malloc_settings": MALLOC_RETAINS_FREED_MEMORY})
+    channel.send({"side": side, "mnn_malloc_settings": MALLOC_RETAINS_FREED_MEMORY,
+                  "blas": kernel.torch_blas() if side == "torch" else kernel.numpy_blas()})
     turns = Turns(channel, block)
     turns.go()
     result = (run_torch if side == "torch" else run_mnn)(config, turns)
@@ -159,15 +160,19 @@ def serve_side(side: str, config: GPTTrainConfig, threads: int, block: int) -> N
     del limiter
 
 
-def run_in_turns(config_args: list[str], threads: int, block: int, order: list[str], torch_malloc: str) -> dict:
-    """Both sides in worker processes, block by block in turns; ``{side: result}`` with summed ``seconds``."""
+def run_in_turns(config_args: list[str], threads: int, block: int, order: list[str], torch_malloc: str,
+                 drop=()) -> dict:
+    """Both sides in worker processes, block by block in turns; ``{side: result}`` with summed ``seconds``.
+
+    ``drop``: environment variables the workers run without (:func:`benchmarks.kernel.benchmark_environment`).
+    """
     workers, runs = {}, {}
     turns = {side: [] for side in order}  # seconds of each turn, in order: where the two sides differ
     try:
         for side in order:
             workers[side] = Worker("benchmarks.recipe", ["--side", side, "--threads", str(threads),
                                                          "--block", str(block), *config_args],
-                                   side_environment(side, torch_malloc))
+                                   side_environment(side, torch_malloc, drop))
 
         def run_block(side: str) -> bool:
             time.sleep(SETTLE_SECONDS)
@@ -175,7 +180,8 @@ def run_in_turns(config_args: list[str], threads: int, block: int, order: list[s
             turns[side].append(reply["seconds"])
             if reply["result"] is None:
                 return False
-            runs[side] = {**reply["result"], "seconds": sum(turns[side]), "turn_seconds": turns[side]}
+            runs[side] = {**reply["result"], "seconds": sum(turns[side]), "turn_seconds": turns[side],
+                          "blas": workers[side].greeting["blas"]}
             print(f"{side}: {runs[side]['seconds']:.1f} s, best val {runs[side]['best_val']:.4f}", flush=True)
             return True
 
@@ -184,6 +190,18 @@ def run_in_turns(config_args: list[str], threads: int, block: int, order: list[s
         for worker in workers.values():
             worker.close()
     return runs
+
+
+def within(run: dict, seconds: float, block: int) -> dict:
+    """The best val ``run`` had reached by ``seconds`` of its own turns (the other side's whole wall time).
+
+    An evaluation at step ``s`` runs at the start of the turn that holds
+    iterations ``s`` to ``s + block - 1``: it is counted done when that turn ends.
+    """
+    done = numpy.cumsum(run["turn_seconds"])
+    reached = [e for e in run["evaluations"] if done[min(e["step"] // block, len(done) - 1)] <= seconds]
+    best = min(reached, key=lambda e: e["val"]) if reached else None
+    return {"seconds": seconds, "best_val": best["val"] if best else None, "at_step": best["step"] if best else None}
 
 
 def main(argv=None) -> dict:
@@ -198,14 +216,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--torch-malloc", choices=["default", "mnn"], default="default",
                         help="PyTorch with glibc's default malloc settings, or with the ones mnn sets")
     parser.add_argument("--out", default=str(Path(__file__).with_name("recipe.json")))
+    parser.add_argument("--mnn-preset", choices=sorted(PRESETS), default="shakespeare-char-cpu",
+                        help="mnn's preset (PyTorch always runs shakespeare-char-cpu): shakespeare-char-cpu-fast "
+                             "asks what mnn reaches in PyTorch's wall time")
+    parser.add_argument("--keep-blas-env", action="store_true",
+                        help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE as set (see benchmarks.kernel)")
     parser.add_argument("--side", choices=["mnn", "torch"], help=argparse.SUPPRESS)  # one side, in a worker process
     args = parser.parse_args(argv)
     shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-    config = GPTTrainConfig(**PRESETS["shakespeare-char-cpu"], data=args.data or (str(shared) if shared.exists() else None))
-    if args.max_iters:
-        config = replace(config, max_iters=args.max_iters, eval_interval=max(1, args.max_iters // 2))
-    if args.eval_iters:
-        config = replace(config, eval_iters=args.eval_iters)
+
+    def recipe_config(preset: str) -> GPTTrainConfig:
+        config = GPTTrainConfig(**PRESETS[preset], data=args.data or (str(shared) if shared.exists() else None))
+        if args.max_iters:
+            config = replace(config, max_iters=args.max_iters, eval_interval=max(1, args.max_iters // 2))
+        if args.eval_iters:
+            config = replace(config, eval_iters=args.eval_iters)
+        return config
+
+    config = recipe_config(args.mnn_preset if args.side == "mnn" else "shakespeare-char-cpu")
     if args.block < 1:
         parser.error(f"--block must be >= 1, got {args.block}")
     if args.side:
@@ -213,18 +241,26 @@ def main(argv=None) -> dict:
         return {}
 
     config_args = [f"--{name}={value}" for name, value in (("data", args.data), ("max-iters", args.max_iters),
-                                                            ("eval-iters", args.eval_iters)) if value]
+                                                            ("eval-iters", args.eval_iters),
+                                                            ("mnn-preset", args.mnn_preset)) if value]
     order = ["torch", "mnn"] if args.order == "torch-first" else ["mnn", "torch"]
-    runs = run_in_turns(config_args, args.threads, args.block, order, args.torch_malloc)
+    drop, blas_environment = kernel.benchmark_environment(keep=args.keep_blas_env)
+    if blas_environment["message"]:
+        print(blas_environment["message"], flush=True)
+    runs = run_in_turns(config_args, args.threads, args.block, order, args.torch_malloc, drop)
     report = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": "python -m benchmarks.recipe" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
         "method": f"in turns of {args.block} iterations, each side in its own process, A B B A; "
                   f"seconds = sum of a side's turns; PyTorch with {args.torch_malloc} malloc settings",
         "torch_malloc": args.torch_malloc,
-        "threads": args.threads, "cores": __import__("os").cpu_count(),
+        "threads": args.threads, "cores": __import__("os").cpu_count(), "cpu_model": kernel.cpu_model(),
+        "blas_environment": blas_environment,
         "numpy": numpy.__version__, "torch": torch.__version__,
         "config": asdict(config),
+        "mnn_preset": args.mnn_preset,
+        "mnn_config": asdict(recipe_config(args.mnn_preset)),
+        "mnn_in_torch_time": within(runs["mnn"], runs["torch"]["seconds"], args.block),
         "runs": runs,
         "ratio": {"mnn/torch seconds": runs["mnn"]["seconds"] / runs["torch"]["seconds"],
                   # each turn pair did the same work moments apart: the median is robust to a slow spell
@@ -232,6 +268,10 @@ def main(argv=None) -> dict:
                       ours / theirs for ours, theirs in zip(runs["mnn"]["turn_seconds"], runs["torch"]["turn_seconds"]))},
     }
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    reached = report["mnn_in_torch_time"]
+    if reached["best_val"] is not None:
+        print(f"mnn ({args.mnn_preset}) in PyTorch's {reached['seconds']:.1f} s: val {reached['best_val']:.4f} "
+              f"at step {reached['at_step']}")
     print(f"mnn/torch wall time {report['ratio']['mnn/torch seconds']:.2f} "
           f"(median over turns {report['ratio']['median over turns']:.2f}); written {args.out}")
     return report

@@ -33,13 +33,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def side_environment(framework: str, torch_malloc: str = "default") -> dict:
-    """Environment overrides for a worker of ``framework``."""
+def side_environment(framework: str, torch_malloc: str = "default", drop=()) -> dict:
+    """Environment overrides for a worker of ``framework``; ``None`` removes a variable (``drop``: see
+    :func:`benchmarks.kernel.benchmark_environment`)."""
     if torch_malloc not in ("default", "mnn"):
         raise ValueError(f"torch_malloc must be 'default' or 'mnn', got {torch_malloc!r}")
+    overrides = dict.fromkeys(drop)
     if framework == "torch" and torch_malloc == "default":
-        return {"MNN_RETAIN_FREED_MEMORY": "0"}
-    return {}
+        overrides["MNN_RETAIN_FREED_MEMORY"] = "0"
+    return overrides
+
+
+def environment(overrides: dict | None) -> dict:
+    """This process's environment with ``overrides`` applied (a ``None`` value removes the variable)."""
+    return {k: v for k, v in {**os.environ, **(overrides or {})}.items() if v is not None}
 
 
 class Worker:
@@ -50,7 +57,7 @@ class Worker:
         self.log = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, text=True,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                        env={**os.environ, **(env or {})})
+                                        env=environment(env))
         self.greeting = self._receive()
 
     def _receive(self) -> dict:

@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from datetime import datetime
 
 import numpy as np
 import pytest
 
-from benchmarks import compare
+from benchmarks import compare, kernel
 from benchmarks.cases import all_cases
-from benchmarks.workers import Worker, in_turns, side_environment
+from benchmarks.workers import Worker, environment, in_turns, side_environment
 from mnn.layers import Linear
+
+ORIGINAL_CORETYPE = os.environ.get("OPENBLAS_CORETYPE")
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    printed = compare.main(["--quick", "--threads", "1", "--steps", "2", "--out", str(out)])
+    printed = compare.main(["--quick", "--threads", "1", "--steps", "2", "--no-compile", "--out", str(out)])
     return out, printed, json.loads((out / "results.json").read_text())
 
 
@@ -102,7 +105,7 @@ def test_machine_date_bars_and_chart(quick_run):
         if " time " in bar:
             assert verdict["value"] == results["cases"][case]["ratio"]["mnn/torch"]
         assert verdict["pass"] == (verdict["value"] <= float(bar.split("<=")[1]))
-    assert len(results["bars"]) == 7  # six time bars (MLP x2, GPT, CNN, LSTM x2), the GPT memory bar
+    assert len(results["bars"]) == 8  # seven time bars (MLP x2, GPT x2, CNN, LSTM x2), the GPT memory bar
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = compare.format_table(results)
     assert all(name in table for name in results["cases"])
@@ -180,3 +183,56 @@ def test_each_case_records_that_mnn_ran_its_compiled_loops(quick_run):
     assert quick_run[2]["machine"]["numba"]
     for name, case in quick_run[2]["cases"].items():
         assert case["mnn_jit"] is expected, name
+
+
+def test_every_figure_names_its_kernel_and_counts_its_flops(quick_run):
+    machine = quick_run[2]["machine"]
+    assert machine["blas"] and all(pool["kernel"] and pool["version"] for pool in machine["blas"])
+    assert machine["torch_blas"]["library"] and machine["torch_blas"]["kernel"]
+    assert machine["peak_sgemm_gflops"] > 1
+    assert "blas_environment" in machine
+    for name, case in quick_run[2]["cases"].items():
+        assert set(case["blas"]) == {"mnn", "torch", "floor"}
+        assert case["blas"]["mnn"] == case["blas"]["floor"]  # both multiply with numpy's BLAS
+        assert case["matmul_flops_per_step"] > 0, name
+        for side, ms in case["ms"].items():  # GFLOP/s is the floor's products over each side's time
+            expected = case["matmul_flops_per_step"] / (ms * case["units_per_step"]) / 1e6
+            assert case["gflops"][side] == pytest.approx(expected, rel=1e-9)
+            assert case["mfu"][side] == pytest.approx(case["gflops"][side] / machine["peak_sgemm_gflops"], rel=1e-9)
+
+
+def test_the_floor_counts_two_flops_per_multiply_add():
+    from benchmarks.cases import floor_side, gemm, linear_gemms
+
+    assert floor_side([gemm(3, 4, 5)]).flops == 2 * 3 * 4 * 5
+    assert floor_side(linear_gemms(8, 16, 32)).flops == 3 * 2 * 8 * 16 * 32  # forward, dW, dX
+    assert floor_side([gemm(3, 4, 5, batch=6)]).flops == 6 * 2 * 3 * 4 * 5
+
+
+def test_a_forced_older_openblas_kernel_is_dropped_for_the_workers_only():
+    forced = {**os.environ, "OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_L2_SIZE": "512"}
+    own = kernel.kernel_under({k: v for k, v in forced.items() if k not in kernel.FORCING})
+    assert kernel.kernel_under(forced) == "Haswell"
+    drop, record = kernel.benchmark_environment(environ=forced)
+    assert record["as_set"] == "Haswell" and record["own"] == own
+    if own != "Haswell":  # an AVX-512 CPU: OpenBLAS's own kernel is newer than the one forced
+        assert drop == ["OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"] and "run without" in record["message"]
+    kept, record = kernel.benchmark_environment(keep=True, environ=forced)
+    assert kept == [] and record["dropped"] == []
+    clean = {k: v for k, v in os.environ.items() if k not in kernel.FORCING}
+    assert kernel.benchmark_environment(environ=clean) == ([], {"forced": {}, "as_set": None, "own": None,
+                                                                  "dropped": [], "message": None})
+    assert "OPENBLAS_CORETYPE" not in environment({"OPENBLAS_CORETYPE": None, **dict.fromkeys(drop)})
+    assert os.environ.get("OPENBLAS_CORETYPE") == ORIGINAL_CORETYPE  # this process's environment is untouched
+
+
+def test_torch_compile_side_for_the_gpt_compiles_apart_and_computes_the_same_loss(tmp_path):
+    results = compare.main(["--quick", "--threads", "1", "--steps", "2", "--cases", "gpt_train", "--no-memory",
+                            "--out", str(tmp_path)])
+    case = results["cases"]["gpt_train"]
+    assert set(case["ms"]) == {"mnn", "torch", "floor", "torch_compile"}
+    assert case["ratio"]["mnn/torch_compile"] == pytest.approx(case["ms"]["mnn"] / case["ms"]["torch_compile"])
+    assert case["first_loss"]["torch_compile"] == pytest.approx(case["first_loss"]["mnn"], rel=1e-4)
+    # Compiling happens in the first (untimed) step: far longer than a timed step.
+    assert case["first_step_seconds"]["torch_compile"] > 10 * case["ms"]["torch_compile"] / 1000
+    assert "gpt_train time mnn/torch.compile <= 1.0" in results["bars"]

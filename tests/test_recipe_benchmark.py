@@ -27,3 +27,22 @@ def test_recipe_benchmark_compares_equal_work(tmp_path):
     # Each worker reports whether mnn's malloc settings are on in its process: PyTorch runs as its users run it.
     assert report["runs"]["torch"]["mnn_malloc_settings"] is False
     assert report["runs"]["mnn"]["mnn_malloc_settings"] is True
+
+
+def test_what_mnn_reached_in_the_other_sides_wall_time():
+    run = {"turn_seconds": [1.0, 1.0, 1.0, 1.0], "evaluations": [{"step": 0, "val": 4.0}, {"step": 100, "val": 2.5},
+                                                                   {"step": 200, "val": 2.0}]}
+    # Evaluation at step s finishes with the turn holding iterations s .. s + 49: turns end at 1, 2, 3, 4 s.
+    assert recipe.within(run, 2.5, 50) == {"seconds": 2.5, "best_val": 4.0, "at_step": 0}
+    assert recipe.within(run, 3.0, 50) == {"seconds": 3.0, "best_val": 2.5, "at_step": 100}
+    assert recipe.within(run, 9.0, 50)["best_val"] == 2.0  # the last evaluation ends the last turn
+    assert recipe.within(run, 0.5, 50)["best_val"] is None
+
+
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="../shared/data/tinyshakespeare.txt is not beside the checkout")
+def test_recipe_benchmark_runs_mnns_faster_preset_beside_pytorchs_recipe(tmp_path):
+    report = recipe.main(["--data", str(SHAKESPEARE), "--max-iters", "4", "--eval-iters", "2", "--block", "2",
+                          "--mnn-preset", "shakespeare-char-cpu-fast", "--out", str(tmp_path / "r.json")])
+    assert report["mnn_preset"] == "shakespeare-char-cpu-fast" and report["mnn_config"]["max_iters"] == 4
+    assert report["mnn_in_torch_time"]["seconds"] == pytest.approx(report["runs"]["torch"]["seconds"])
+    assert report["runs"]["mnn"]["blas"] and report["runs"]["torch"]["blas"]["library"]

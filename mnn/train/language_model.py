@@ -17,6 +17,7 @@ from mnn.data import (
     split_train_val,
     tiny_shakespeare_path,
 )
+from mnn.distributed import world
 from mnn.errors import CheckpointError, DataError
 from mnn.io import WEIGHTS_NAME, load_model, save_model
 from mnn.io.checkpoint import finite_or_none, model_generators
@@ -53,6 +54,7 @@ class LanguageModelTrainConfig:
     checkpoint_interval: int | None = None  # iterations between extra checkpoints (one is saved at every eval)
     skip_nonfinite: bool = False  # skip a step whose loss or gradient norm is NaN/inf instead of stopping
     replicas: int = 2  # slices of each batch run at once in threads (mnn.parallel); 1 on a GPU
+    grad_accum: int = 1  # micro-steps whose gradients add up to one step (nanoGPT's gradient_accumulation_steps)
 
 
 @dataclass
@@ -92,6 +94,11 @@ PRESETS = {
     "shakespeare-char-cpu": {"block_size": 64, "batch_size": 12, "n_layer": 4, "n_head": 4, "n_embd": 128,
                              "max_iters": 2000, "dropout": 0.0, "learning_rate": 1e-3, "min_lr": 1e-4,
                              "warmup_iters": 100},
+    # The same model trained twice as long, evaluated half as often: mnn's answer to PyTorch's 2000 iterations
+    # in the same wall time (python -m benchmarks.recipe --mnn-preset shakespeare-char-cpu-fast measures both).
+    "shakespeare-char-cpu-fast": {"block_size": 64, "batch_size": 12, "n_layer": 4, "n_head": 4, "n_embd": 128,
+                                  "max_iters": 4000, "dropout": 0.0, "learning_rate": 1e-3, "min_lr": 1e-4,
+                                  "warmup_iters": 100, "eval_interval": 500},
     # nanoGPT's config/train_shakespeare_char.py (the GPU run: val about 1.47).
     "shakespeare-char": {"block_size": 256, "batch_size": 64, "n_layer": 6, "n_head": 6, "n_embd": 384,
                          "max_iters": 5000, "dropout": 0.2, "learning_rate": 1e-3, "min_lr": 1e-4,
@@ -142,7 +149,7 @@ def estimate_loss(parallel: DataParallel, splits: dict, config: GPTTrainConfig, 
 def check_config(config) -> None:
     """Refuse impossible options before any data is read (the CLI checks types; this checks combinations)."""
     for name in ("block_size", "n_layer", "n_head", "n_embd", "hidden_size", "num_layers", "batch_size", "max_iters",
-                 "eval_interval", "eval_iters", "log_interval"):
+                 "eval_interval", "eval_iters", "log_interval", "grad_accum"):
         value = getattr(config, name, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -180,6 +187,7 @@ class LanguageModelTask:
     step_base = 0  # messages name iterations from 0, as nanoGPT
     evaluation_name = "loss"
     plot_series = ["loss", "train", "val"]
+    shared_generators = ("batch", "eval")  # equal on every rank: each draws the global batch and takes its slice
 
     def __init__(self, config: GPTTrainConfig) -> None:
         check_config(config)
@@ -188,7 +196,7 @@ class LanguageModelTask:
             if len(ids) <= config.block_size:
                 raise DataError(f"the {name} split has {len(ids)} characters, not more than block_size "
                                 f"{config.block_size}: use a longer text or a smaller --block-size")
-        self.config, self.name = config, config.model
+        self.config, self.name, self.world = config, config.model, world()
         self.model = build_language_model(config, self.tokenizer.vocab_size)
         self.optimizer = AdamW(param_groups(self.model, config.weight_decay), lr=config.learning_rate,
                                betas=(config.beta1, config.beta2))
@@ -210,9 +218,20 @@ class LanguageModelTask:
         log(f"{shape} ({self.model.num_parameters():,} parameters), "
             f"vocab {self.tokenizer.vocab_size}, {len(self.train_ids):,} train / {len(self.val_ids):,} val characters")
 
-    def forward_backward(self, step: int) -> float:
-        x, y = random_windows(self.train_ids, self.config.block_size, self.config.batch_size, self.batch_rng)
-        return self.parallel.forward_backward(asarray(x), asarray(y))
+    def forward_backward(self, step: int, micro: int = 0) -> float:
+        """Micro-step ``micro`` of step ``step``: this rank's ``batch_size`` windows of the global batch.
+
+        Every rank draws the windows of all ``N`` ranks from the shared
+        generator and keeps its own run of them, so that ``N`` ranks step as
+        one process on ``N`` times the batch; the loss and its gradient are
+        weighted by ``1 / grad_accum``.
+        """
+        batch, ranks = self.config.batch_size, self.world.size
+        x, y = random_windows(self.train_ids, self.config.block_size, batch * ranks, self.batch_rng)
+        if ranks > 1:
+            mine = slice(self.world.rank * batch, (self.world.rank + 1) * batch)
+            x, y = x[mine], y[mine]
+        return self.parallel.forward_backward(asarray(x), asarray(y), 1.0 / self.config.grad_accum)
 
     def gradient_norm(self) -> float:
         return clip_grad_norm(self.grads, self.config.grad_clip)

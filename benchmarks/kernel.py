@@ -1,0 +1,126 @@
+"""Which BLAS kernel each side multiplies with, and the CPU's own: every speed figure names both.
+
+numpy ships OpenBLAS, which picks a kernel for the CPU it finds (``SkylakeX``
+on an AVX-512 Xeon or EPYC); ``OPENBLAS_CORETYPE`` forces one instead. Some
+machines here set ``OPENBLAS_CORETYPE=Haswell`` and ``OPENBLAS_L2_SIZE=512``
+(a guard for older OpenBLAS builds on AMD CPUs), which halves numpy's
+matrix-product rate there (AVX2 instead of AVX-512) while PyTorch's MKL is
+untouched. A user's machine has no such variables, so the benchmarks measure
+with the CPU's own kernel: :func:`benchmark_environment` asks OpenBLAS, in a
+subprocess without those variables, which kernel it would pick, and when that
+differs from the one forced, the benchmark's worker processes run without
+them (and say so). ``--keep-blas-env`` keeps the environment as set. Tests
+and CI never change it.
+
+PyTorch's side is named from ``torch.__config__.show()``: its BLAS (MKL on
+x86 wheels), oneDNN's version and the CPU capability its kernels dispatch to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+FORCING = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # the variables that override OpenBLAS's own choice
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def numpy_blas() -> list[dict]:
+    """numpy's BLAS as threadpoolctl sees it in this process: library, version, kernel, threads."""
+    import numpy  # noqa: F401, PLC0415 - loads the BLAS threadpoolctl inspects
+    from threadpoolctl import threadpool_info  # noqa: PLC0415
+
+    return [{"library": pool.get("internal_api"), "version": pool.get("version"),
+             "kernel": pool.get("architecture"), "threads": pool.get("num_threads"),
+             "file": Path(pool.get("filepath", "")).name}
+            for pool in threadpool_info() if pool.get("user_api") == "blas"]
+
+
+def torch_blas() -> dict:
+    """PyTorch's BLAS, oneDNN and CPU capability, from ``torch.__config__.show()``."""
+    import torch  # noqa: PLC0415
+
+    shown = torch.__config__.show()
+    blas = re.search(r"BLAS_INFO=(\w+)", shown)
+    mkl = re.search(r"Math Kernel Library Version ([\d.]+)", shown)
+    onednn = re.search(r"MKL-DNN v([\w.]+)", shown)
+    return {"library": blas.group(1) if blas else None, "version": mkl.group(1) if mkl else None,
+            "kernel": torch.backends.cpu.get_cpu_capability(), "onednn": onednn.group(1) if onednn else None,
+            "threads": torch.get_num_threads()}
+
+
+def describe(blas: list[dict] | dict) -> str:
+    """One line for a table: ``openblas 0.3.31 SkylakeX`` or ``mkl 2024.2 AVX512``."""
+    pools = blas if isinstance(blas, list) else [blas]
+    return ", ".join(f"{p.get('library')} {p.get('version') or ''} {p.get('kernel')}".replace("  ", " ")
+                     for p in pools) or "none found"
+
+
+def kernel_under(environment: dict) -> str | None:
+    """The kernel numpy's OpenBLAS picks in a fresh process with exactly ``environment``."""
+    probe = ("import json, numpy; from threadpoolctl import threadpool_info; "
+             "print(json.dumps([p.get('architecture') for p in threadpool_info() if p.get('user_api') == 'blas']))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=environment,
+                          check=False, timeout=120)
+    kernels = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 and done.stdout.strip() else []
+    return kernels[0] if kernels else None
+
+
+def benchmark_environment(keep: bool = False, environ: dict | None = None) -> tuple[list[str], dict]:
+    """Which variables the benchmark's workers drop, and the record of why.
+
+    Returns ``(drop, record)``: ``drop`` names the :data:`FORCING` variables
+    to remove from the workers' environment (empty when none is set, when
+    ``keep`` is true, or when OpenBLAS picks the same kernel without them);
+    ``record`` holds the kernel as set, the CPU's own, what was dropped and a
+    ``message`` for the user (``None`` when nothing is forced).
+    """
+    environ = dict(os.environ if environ is None else environ)
+    forced = {name: environ[name] for name in FORCING if name in environ}
+    if not forced:
+        return [], {"forced": {}, "as_set": None, "own": None, "dropped": [], "message": None}
+    as_set = kernel_under(environ)
+    own = kernel_under({k: v for k, v in environ.items() if k not in FORCING})
+    setting = " ".join(f"{k}={v}" for k, v in forced.items())
+    drop = [] if keep or own is None or own == as_set else list(forced)
+    if drop:
+        message = (f"{setting} forces OpenBLAS's {as_set} kernel; this CPU's own is {own}: the benchmark's "
+                   f"processes run without {' and '.join(drop)} (--keep-blas-env keeps them)")
+    elif own == as_set:
+        message = f"{setting} is set; OpenBLAS picks {own} with or without it"
+    else:
+        message = f"{setting} kept as set (--keep-blas-env): numpy multiplies with {as_set}, this CPU's own is {own}"
+    return drop, {"forced": forced, "as_set": as_set, "own": own, "dropped": drop, "message": message}
+
+
+def peak_sgemm(threads: int, environment: dict, size: int = 2048, repeats: int = 7) -> float:
+    """The machine's float32 matrix-product rate in GFLOP/s: the median of ``repeats`` ``size``-cubed products.
+
+    Run in a fresh process with ``environment`` (the workers'), numpy's BLAS on
+    ``threads`` threads: the peak a step's model FLOPs are divided by for MFU.
+    """
+    probe = (f"import numpy, statistics, time; from threadpoolctl import threadpool_limits; "
+             f"limit = threadpool_limits({threads}); rng = numpy.random.default_rng(0); "
+             f"a, b = (rng.standard_normal(({size}, {size}), dtype=numpy.float32) for _ in range(2)); "
+             f"out = numpy.empty_like(a); numpy.matmul(a, b, out=out); times = []\n"
+             f"for _ in range({repeats}):\n"
+             f"    started = time.perf_counter(); numpy.matmul(a, b, out=out); times.append(time.perf_counter() - started)\n"
+             f"print(2 * {size} ** 3 / statistics.median(times) / 1e9)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=environment,
+                          check=True, timeout=300)
+    return float(done.stdout.strip().splitlines()[-1])
