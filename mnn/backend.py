@@ -8,8 +8,11 @@ source runs on both devices::
 
 ``xp`` forwards attribute look-ups to the active module, so switching device
 with :func:`use` takes effect everywhere at once. The device is chosen by
-``use("cpu" | "gpu")``, the CLI's ``--device`` flag, or the ``MNN_DEVICE``
-environment variable read at import. CuPy is imported only when asked for.
+``use("cpu" | "gpu" | "strict")``, the CLI's ``--device`` flag, or the
+``MNN_DEVICE`` environment variable read at import. CuPy is imported only
+when asked for. ``"strict"`` is a stand-in for the GPU on the CPU
+(:mod:`mnn.strict`): numpy arithmetic behind arrays that refuse implicit
+host conversions as CuPy's do, so the tests catch them without a GPU.
 
 The default floating dtype is float32 (what training uses); gradient checks
 switch to float64 with :func:`set_default_dtype` or by passing float64 arrays.
@@ -48,7 +51,7 @@ _environment_problem: str | None = None  # why MNN_DEVICE could not be used (rai
 
 
 def use(name: str) -> None:
-    """Select the device: ``"cpu"`` (numpy) or ``"gpu"`` (CuPy).
+    """Select the device: ``"cpu"`` (numpy), ``"gpu"`` (CuPy) or ``"strict"`` (the GPU stand-in, :mod:`mnn.strict`).
 
     Raises:
         ValueError: for any other name.
@@ -70,8 +73,12 @@ def use(name: str) -> None:
         if count < 1:
             raise RuntimeError("CuPy is installed but finds no GPU")
         xp._module = cupy
+    elif name == "strict":
+        from mnn import strict  # noqa: PLC0415
+
+        xp._module = strict.module
     else:
-        raise ValueError(f"unknown device {name!r}: expected 'cpu' or 'gpu'")
+        raise ValueError(f"unknown device {name!r}: expected 'cpu', 'gpu' or 'strict'")
     device, _environment_problem = name, None
 
 
@@ -89,9 +96,20 @@ def _use_environment() -> None:
     try:
         use(name)
     except ValueError:
-        _environment_problem = f"MNN_DEVICE={name!r} is not a device: expected 'cpu' or 'gpu' (or unset it)"
+        _environment_problem = f"MNN_DEVICE={name!r} is not a device: expected 'cpu' or 'gpu' (or 'strict', the GPU stand-in; or unset it)"
     except RuntimeError as error:
         _environment_problem = f"MNN_DEVICE={name}: {error}; or set MNN_DEVICE=cpu"
+
+
+def on_cpu() -> bool:
+    """Whether arrays live in host memory (numpy), where reading a value back to Python costs nothing.
+
+    On a GPU (and on the strict stand-in) every ``float``/``int``/``bool`` of
+    an array waits for the device and copies the value back; code that
+    checks a value only to raise an error does it in one fused reduction
+    there (:meth:`~mnn.layers.Embedding.check_ids`) or not at all.
+    """
+    return xp._module is numpy
 
 
 def default_dtype():
@@ -112,7 +130,7 @@ def to_numpy(array):
     """Copy an array of the active device to host memory as a numpy array."""
     if isinstance(array, (numpy.ndarray, numpy.generic, int, float)):
         return numpy.asarray(array)
-    return array.get()  # CuPy
+    return array.get()  # CuPy, and the strict stand-in
 
 
 def asarray(array, dtype=None):

@@ -111,7 +111,9 @@ def gradcheck(layer, inputs, upstream=None, eps: float = 1e-6, tol: float = 1e-7
     """
     if not isinstance(inputs, (tuple, list)):
         inputs = (inputs,)
-    inputs = tuple(inputs)
+    inputs = tuple(xp.asarray(x) if isinstance(x, numpy.ndarray) else x for x in inputs)  # host arrays: to the device
+    if isinstance(upstream, numpy.ndarray):
+        upstream = xp.asarray(upstream)
     _require_float64(layer, inputs, upstream)
 
     def run():
@@ -125,7 +127,7 @@ def gradcheck(layer, inputs, upstream=None, eps: float = 1e-6, tol: float = 1e-7
         if _is_float(out) and out.dtype != xp.float64:
             raise ShapeError(f"gradcheck needs float64: {layer!r} returned {out.dtype} from float64 inputs "
                              "and parameters")
-        upstream = xp.asarray(rng.standard_normal(numpy.shape(out)), dtype=xp.float64)
+        upstream = xp.asarray(rng.standard_normal(out.shape), dtype=xp.float64)
 
     def objective() -> float:
         value = float(xp.sum(xp.asarray(run(), dtype=xp.float64) * upstream))

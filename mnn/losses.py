@@ -12,7 +12,7 @@ import math
 import numpy
 
 from mnn import jit
-from mnn.backend import xp
+from mnn.backend import on_cpu, xp
 from mnn.errors import InputError, ShapeError
 from mnn.module import Module
 
@@ -28,6 +28,9 @@ def check_class_targets(loss: Module, scores, targets) -> None:
         raise ShapeError(f"{loss!r}: targets must be integer class ids, got dtype {targets.dtype}")
     if targets.size == 0:
         raise InputError(f"{loss!r}: empty batch")
+    if not on_cpu():  # on the device, one read-back: the bounds only when a target is out of range
+        if not bool(xp.any((targets < 0) | (targets >= scores.shape[-1]))):
+            return
     lowest, highest = int(targets.min()), int(targets.max())
     if lowest < 0 or highest >= scores.shape[-1]:
         bad = lowest if lowest < 0 else highest

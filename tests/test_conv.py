@@ -9,6 +9,7 @@ from test_transformer import DTYPES, perturb_params, randn, rel
 from torch.nn import functional as F
 
 import mnn
+from mnn.backend import to_numpy
 from mnn.errors import ShapeError
 from mnn.layers import Conv2d
 from mnn.module import Sequential
@@ -64,8 +65,8 @@ def test_conv2d_matches_pytorch(config, np_dtype, torch_dtype, tol, layout, comp
     dx = layer.backward(dy)
     assert y.transpose(0, 2, 3, 1).flags.c_contiguous and dx.strides[1] == dx.itemsize  # channels-last memory
     xt = torch.tensor(x, requires_grad=True)
-    wt = torch.tensor(layer.params["weight"], requires_grad=True)
-    bt = torch.tensor(layer.params["bias"], requires_grad=True)
+    wt = torch.tensor(to_numpy(layer.params["weight"]), requires_grad=True)
+    bt = torch.tensor(to_numpy(layer.params["bias"]), requires_grad=True)
     _, _, _, s, p, d, g, _ = config
     yt = F.conv2d(xt, wt, bt, s, p, d, g)
     yt.backward(torch.from_numpy(dy))
@@ -80,8 +81,8 @@ def test_conv2d_accepts_any_memory_layout_and_skips_the_input_gradient_on_reques
     x = randn(rng, (2, 3, 5, 5))
     channels_last = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     y = layer.forward(channels_last)
-    np.testing.assert_allclose(y, F.conv2d(torch.from_numpy(x), torch.from_numpy(layer.params["weight"]),
-                                           torch.from_numpy(layer.params["bias"]), padding=1).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(y, F.conv2d(torch.from_numpy(x), torch.from_numpy(to_numpy(layer.params["weight"])),
+                                           torch.from_numpy(to_numpy(layer.params["bias"])), padding=1).numpy(), rtol=1e-12)
     assert layer.backward(np.ascontiguousarray(randn(rng, y.shape))) is None
     assert np.abs(layer.grads["weight"]).sum() > 0
 
@@ -92,7 +93,7 @@ def test_conv2d_init_and_state_dict_move_both_ways_with_torch():
     assert layer.params["weight"].shape == (6, 2, 3, 2) and layer.params["weight"].dtype == np.float32
     assert np.abs(layer.params["weight"]).max() <= bound and np.abs(layer.params["bias"]).max() <= bound
     ref = torch.nn.Conv2d(4, 6, (3, 2), stride=2, padding=1, groups=2)
-    ref.load_state_dict({k: torch.from_numpy(v) for k, v in layer.state_dict().items()}, strict=True)
+    ref.load_state_dict({k: torch.from_numpy(to_numpy(v)) for k, v in layer.state_dict().items()}, strict=True)
     x = randn(np.random.default_rng(1), (2, 4, 7, 6), np.float32)
     assert rel(layer.forward(x), ref(torch.from_numpy(x))) <= 1e-6
     perturb_params(layer, np.random.default_rng(2))

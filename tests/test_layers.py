@@ -6,6 +6,7 @@ import torch
 
 import mnn
 from mnn import jit
+from mnn.backend import asarray, to_numpy
 from mnn.errors import InputError, ShapeError
 from mnn.layers import (
     ELU,
@@ -141,8 +142,8 @@ def test_linear_matches_torch():
     dx = layer.backward(dy)
     ref = torch.nn.Linear(6, 4)
     with torch.no_grad():
-        ref.weight.copy_(torch.from_numpy(layer.params["weight"]))
-        ref.bias.copy_(torch.from_numpy(layer.params["bias"]))
+        ref.weight.copy_(torch.from_numpy(to_numpy(layer.params["weight"])))
+        ref.bias.copy_(torch.from_numpy(to_numpy(layer.params["bias"])))
     ty, (tdx,) = torch_grad(ref, x, upstream=dy)
     assert relative_error(y, ty) <= 1e-5
     assert relative_error(dx, tdx) <= 1e-5
@@ -170,6 +171,7 @@ def test_dropout_matches_torch_semantics():
     dx = layer.backward(np.full_like(x, 2.0))
     np.testing.assert_array_equal(dx != 0, kept)
     layer.eval()
+    x = asarray(x)  # on the device, as the layer would get it: returned as is
     assert layer.forward(x) is x
 
 
@@ -263,7 +265,7 @@ def test_sequential_mlp_matches_torch_end_to_end():
     model.backward(loss_fn.backward())
 
     ref = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
-    ref.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in model.state_dict().items()})
+    ref.load_state_dict({k: torch.from_numpy(to_numpy(v).copy()) for k, v in model.state_dict().items()})
     t_loss = torch.nn.functional.cross_entropy(ref(torch.tensor(x)), torch.tensor(labels))
     t_loss.backward()
     assert relative_error(loss, t_loss.item()) <= 1e-5
@@ -396,6 +398,6 @@ def test_softmax_in_place_gives_the_same_result(offset, compute_path):
     x = normal((2, 4, 4))
     x[..., 1] += offset
     expected = Softmax().forward(x, CAUSAL, own_scores(x))
-    buffer = x.copy()
+    buffer = asarray(x.copy())  # on the device: the output is written into it
     y = Softmax().forward(buffer, CAUSAL, own_scores(buffer), out=buffer)
     assert y is buffer and np.array_equal(y, expected) and np.all(np.isfinite(y))

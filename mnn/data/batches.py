@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import numpy
 
+from mnn.backend import xp
 from mnn.errors import DataError
 
 
@@ -59,4 +60,6 @@ def _batches(x, y, batch_size, order, stop):
             yield x[start : start + batch_size], y[start : start + batch_size]
         else:
             index = order[start : start + batch_size]
+            if not isinstance(x, numpy.ndarray):  # a dataset on the GPU: the (host-drawn) rows go there too
+                index = xp.asarray(index)
             yield x[index], y[index]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy
 
-from mnn.backend import default_dtype, xp
+from mnn.backend import default_dtype, on_cpu, xp
 from mnn.errors import InputError, ShapeError
 from mnn.module import Module, check_output_grad
 
@@ -84,6 +84,9 @@ class Embedding(Module):
             raise ShapeError(f"{self!r}: ids must be an integer array, got dtype {getattr(ids, 'dtype', type(ids))}")
         if ids.size == 0:
             return
+        if not on_cpu():  # on the device, one read-back: the bounds only when an id is out of range
+            if not bool(xp.any((ids < 0) | (ids >= self.num_embeddings))):
+                return
         lowest, highest = int(ids.min()), int(ids.max())
         if lowest < 0 or highest >= self.num_embeddings:
             bad = lowest if lowest < 0 else highest
@@ -91,6 +94,10 @@ class Embedding(Module):
 
     def forward(self, ids):
         self.check_ids(ids)
+        return self.lookup(ids)
+
+    def lookup(self, ids):
+        """:meth:`forward` without :meth:`check_ids`, for ids the caller made in range (a model's positions)."""
         self.cache = ids
         return xp.take(self.params["weight"], ids, axis=0)  # Eq. (1)
 

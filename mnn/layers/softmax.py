@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from mnn import jit
-from mnn.backend import xp
+from mnn.backend import on_cpu, xp
 from mnn.module import Module, check_output_grad
 
 
@@ -103,7 +103,10 @@ class Softmax(Module):
                 y = xp.subtract(x, shift, out=out)  # Eq. (1): x - c
                 if mask is not None:
                     y += mask  # Eq. (1): x + M - c
-                within = not (y.size and not y.max() < self._largest_exponent(y))
+                if on_cpu():
+                    within = not (y.size and not y.max() < self._largest_exponent(y))
+                else:
+                    within = not y.size or self._shift_on_device(y)
             if not within:  # a term would overflow, or a NaN:
                 y -= y.max(axis=self.axis, keepdims=True)  # Eq. (1): shift by the row maximum after all
         elif mask is None:
@@ -115,6 +118,15 @@ class Softmax(Module):
         y /= self._row_sums(y)  # Eq. (1) (a compiled loop was measured slower here than einsum + divide)
         self.cache = y
         return y
+
+    def _shift_on_device(self, y) -> bool:
+        """The overflow check without a read-back (GPU): the row maximum subtracted where it is due, 0 elsewhere.
+
+        Subtracting 0 changes no value, so the result is the host path's bit for bit.
+        """
+        row_max = y.max(axis=self.axis, keepdims=True)
+        y -= xp.where(y.max() < self._largest_exponent(y), 0, row_max)  # Eq. (1): c = m after all, or nothing
+        return True
 
     def _compiled(self, *arrays) -> bool:
         """Whether the compiled loops (mnn.jit) take these arrays: rows along the last axis, contiguous."""

@@ -212,7 +212,7 @@ class GPT(Module):
         t = self.transformer
         B, T = idx.shape
         x = t.wte.forward(idx)
-        x += t.wpe.forward(xp.arange(T))  # Eq. (1): (B, T, C) + (T, C), broadcast over the batch
+        x += t.wpe.lookup(xp.arange(T))  # Eq. (1): (B, T, C) + (T, C), broadcast over the batch; T <= block_size
         x = t.drop.forward(x)
         for block in t.h:
             x = block.forward(x)  # Eq. (1)

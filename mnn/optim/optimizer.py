@@ -232,10 +232,10 @@ def grad_norm(grads) -> float:
         The norm as a Python float (NaN or inf when a gradient is).
     """
     total = 0.0
-    for item in grads:
+    for item in grads:  # summed on the device in float64 (as Python floats would be): one read-back, not one per array
         flat = (item[1] if isinstance(item, tuple) else item).reshape(-1)
-        total += float(xp.vdot(flat, flat))  # sum of squares, no temporary
-    return math.sqrt(total)
+        total = total + xp.vdot(flat, flat).astype(xp.float64)  # sum of squares, no temporary
+    return math.sqrt(float(total))
 
 
 def clip_grad_norm(grads, max_norm: float) -> float:
