@@ -133,6 +133,7 @@ MLP_OPTIONS = [
     ("--seed", non_negative_int, "seed of the initial weights, the batch order and dropout"),
     ("--log-interval", positive_int, "steps between log lines"),
     ("--out", str, "output folder"),
+    ("--grad-accum", positive_int, "micro-batches added up into each step (per rank under mpiexec)"),
 ]
 
 CNN_OPTIONS = [row for row in MLP_OPTIONS if row[0] not in ("--hidden", "--activation", "--dropout")] + [
@@ -163,6 +164,7 @@ GPT_OPTIONS = [
     ("--dropout", probability, "dropout probability"),
     ("--seed", non_negative_int, "seed of the initial weights, batches and dropout"),
     ("--replicas", positive_int, "slices of each batch trained at once, one thread each (see mnn.parallel)"),
+    ("--grad-accum", positive_int, "micro-batches added up into each iteration (per rank under mpiexec)"),
 ]
 
 
@@ -177,16 +179,16 @@ CHAR_RNN_OPTIONS = [row for row in GPT_OPTIONS if row[0] not in ("--n-layer", "-
 TRAINERS = {
     "mlp": ("classifier", "MLPTrainConfig", "PRESETS", "default", MLP_OPTIONS,
             "an MLP classifier on Fashion-MNIST or MNIST",
-            ("dataset", "hidden", "activation", "dropout", "batch_size", "optimizer", "seed")),
+            ("dataset", "hidden", "activation", "dropout", "batch_size", "optimizer", "seed", "grad_accum")),
     "cnn": ("classifier", "CNNTrainConfig", "CNN_PRESETS", "default", CNN_OPTIONS,
             "a convolutional classifier on Fashion-MNIST or MNIST",
-            ("dataset", "channels", "hidden", "dropout", "batch_size", "optimizer", "seed")),
+            ("dataset", "channels", "hidden", "dropout", "batch_size", "optimizer", "seed", "grad_accum")),
     "gpt": ("language_model", "GPTTrainConfig", "PRESETS", "shakespeare-char-cpu", GPT_OPTIONS,
             "a character-level GPT on a text file (default: tiny Shakespeare)",
-            ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "batch_size", "seed")),
+            ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "batch_size", "seed", "grad_accum")),
     "char-rnn": ("language_model", "CharRNNTrainConfig", "CHAR_RNN_PRESETS", "shakespeare-char-cpu",
                  CHAR_RNN_OPTIONS, "a character-level LSTM, GRU or RNN (char-rnn) on a text file (alias: lstm)",
-                 ("cell", "n_embd", "hidden_size", "num_layers", "dropout", "batch_size", "seed")),
+                 ("cell", "n_embd", "hidden_size", "num_layers", "dropout", "batch_size", "seed", "grad_accum")),
 }
 MODEL_ALIASES = {"lstm": "char-rnn"}
 
@@ -305,6 +307,9 @@ def run(args) -> int:
         args.model = MODEL_ALIASES.get(args.model, args.model)
         config_class, presets, default, train = trainer(args.model)
         config, resume = train_config(args, config_class, presets, default)
+        from mnn import distributed  # noqa: PLC0415 - starts MPI under mpiexec with several ranks
+
+        distributed.fit_replicas(config, getattr(args, "replicas", None) is not None, distributed.world())
         train(config, resume=resume)
         return 0
     from mnn import _commands  # noqa: PLC0415
@@ -323,6 +328,18 @@ def select_device(args) -> None:
         raise MnnError(backend._environment_problem)  # noqa: SLF001
 
 
+def end_job(error: BaseException, traceback: bool = False) -> None:
+    """With several MPI ranks: report ``error`` in one line and end every rank (:meth:`mnn.distributed.World.fail`)."""
+    from mnn import distributed  # noqa: PLC0415
+
+    if distributed.active():
+        if traceback:
+            import traceback as tb  # noqa: PLC0415
+
+            tb.print_exc()
+        distributed.world().fail(str(error) or type(error).__name__)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -337,11 +354,16 @@ def main(argv=None) -> int:
         select_device(args)
         return run(args)
     except (MnnError, ValueError, OSError, RuntimeError) as error:
+        end_job(error)
         print(f"mnn: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        end_job(KeyboardInterrupt("interrupted"))
         print("mnn: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # under mpiexec: one rank's bug must not leave the others waiting forever
+        end_job(error, traceback=True)
+        raise
 
 
 if __name__ == "__main__":

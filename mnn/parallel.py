@@ -138,8 +138,12 @@ class DataParallel:
         bounds = numpy.linspace(0, len(x), self.replicas + 1).round().astype(int)
         return [(x[a:b], y[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def forward_backward(self, x, y) -> float:
-        """Loss of the whole batch ``(x, y)``, and its gradient added into the model's gradients (Eq. 1)."""
+    def forward_backward(self, x, y, scale: float = 1.0) -> float:
+        """Loss of the whole batch ``(x, y)``, and its gradient added into the model's gradients (Eq. 1).
+
+        Both are multiplied by ``scale``: the batch's weight in a larger one
+        (a micro-step of gradient accumulation, a rank's slice).
+        """
         rows = len(x)
 
         def work(k, shard):
@@ -148,8 +152,8 @@ class DataParallel:
                 for grad in self._grads[k]:
                     grad.fill(0)
             loss = float(loss_fn.forward(replica.forward(shard[0]), shard[1]))
-            replica.backward(loss_fn.backward(len(shard[0]) / rows))  # Eq. (1): upstream gradient N_k / N
-            return loss * len(shard[0]) / rows
+            replica.backward(loss_fn.backward(scale * len(shard[0]) / rows))  # Eq. (1): upstream gradient N_k / N
+            return loss * len(shard[0]) / rows * scale
 
         losses = self._map(work, self._shards(x, y))
         for k in sorted(losses):

@@ -13,6 +13,7 @@ import numpy
 
 from mnn.backend import asarray, default_dtype, xp
 from mnn.data import load_vision_dataset, minibatches
+from mnn.distributed import shard, world
 from mnn.errors import CheckpointError, DataError
 from mnn.io import WEIGHTS_NAME, load_model, save_model
 from mnn.io.checkpoint import model_generators
@@ -49,6 +50,7 @@ class MLPTrainConfig:
     out: str = "runs/mlp"
     checkpoint_interval: int = 0  # steps between checkpoints (0: after every epoch and on a signal only)
     skip_nonfinite: bool = False  # skip a step whose loss or gradient is NaN/inf instead of stopping
+    grad_accum: int = 1  # micro-batches whose gradients add up to one step (of grad_accum x batch_size images)
 
 
 @dataclass
@@ -77,6 +79,7 @@ class CNNTrainConfig:
     checkpoint_interval: int = 0
     skip_nonfinite: bool = False
     replicas: int = 2  # slices of each batch run at once in threads (mnn.parallel); BatchNorm sees each slice
+    grad_accum: int = 1
 
 
 # Named recipes: `mnn train mlp|cnn --preset NAME`. Measured figures are in the README.
@@ -161,7 +164,11 @@ class ClassifierTask:
 
     One step is one mini-batch; an epoch is one shuffled pass over the
     training images (the order drawn from ``[seed, epoch]``, so a resumed run
-    draws the same batches). The model is evaluated on the test split after
+    draws the same batches). With ``grad_accum`` $A$ and $N$ ranks, a step's
+    global batch of $A N B$ images is cut into $A$ micro-batches, each into
+    $N$ runs of ``batch_size`` $B$, one per rank: the ranks' shards are
+    disjoint and cover the epoch, in a new order every epoch, and the step
+    equals one step of one process on the global batch. The model is evaluated on the test split after
     every epoch, and its weights are saved in ``model.safetensors`` at the end
     (also when a signal stops the run).
     """
@@ -172,16 +179,19 @@ class ClassifierTask:
     plot_series = ["loss"]
 
     def __init__(self, config: MLPTrainConfig) -> None:
-        if config.epochs < 1 or config.batch_size < 1:
-            raise ValueError(f"epochs and batch size must be at least 1, got {config.epochs} and {config.batch_size}")
+        if config.epochs < 1 or config.batch_size < 1 or config.grad_accum < 1:
+            raise ValueError(f"epochs, batch size and grad_accum must be at least 1, got {config.epochs}, "
+                             f"{config.batch_size} and {config.grad_accum}")
+        self.world = world()
+        self.global_batch = config.batch_size * self.world.size * config.grad_accum
         data = load_vision_dataset(config.dataset, data_dir=config.data_dir)
         train_images, train_labels = data["train"]
         test_images, test_labels = data["test"]
         if len(train_images) == 0 or len(test_images) == 0:
             empty = "training" if len(train_images) == 0 else "test"
             raise DataError(f"the {config.dataset} data holds no {empty} images")
-        if config.batch_size > len(train_images):
-            raise DataError(f"batch size {config.batch_size} is larger than the {len(train_images)} training images")
+        if self.global_batch > len(train_images):
+            raise DataError(f"batch size {self.global_batch} is larger than the {len(train_images)} training images")
         pixels = train_images.astype(numpy.float64) / 255.0
         mean, std = float(pixels.mean()), float(pixels.std())
         if not std > 0:
@@ -199,7 +209,7 @@ class ClassifierTask:
         on_cpu = xp.__name__ == "numpy"  # threads share one GPU to no gain: one replica there
         self.parallel = DataParallel(self.model, self.loss_fn, getattr(config, "replicas", 1) if on_cpu else 1)
         self.optimizer = make_optimizer(config, self.model)
-        self.steps_per_epoch = math.ceil(len(self.x_train) / config.batch_size)
+        self.steps_per_epoch = math.ceil(len(self.x_train) / self.global_batch)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.schedule = make_schedule(config, self.total_steps)
         self.generators = {**model_generators(self.model), **self.parallel.generators()}
@@ -221,20 +231,37 @@ class ClassifierTask:
         epoch, done = divmod(step, self.steps_per_epoch)
         if self._epoch != epoch + 1:
             order = numpy.random.default_rng([self.config.seed, epoch + 1])
-            batches = minibatches(self.x_train, self.y_train, self.config.batch_size, rng=order)
+            batches = minibatches(self.x_train, self.y_train, self.global_batch, rng=order)
             self._epoch, self._batches = epoch + 1, itertools.islice(batches, done, None)
         return next(self._batches)
 
-    def forward_backward(self, step: int) -> float:
-        x, y = self.batch(step)
+    def forward_backward(self, step: int, micro: int = 0) -> float:
+        r"""Micro-step ``micro`` of step ``step`` on this rank's shard, weighted by its share of the step's rows.
+
+        The weight $w = N n / n_{\mathrm{step}}$ ($n$ rows of the step's
+        $n_{\mathrm{step}}$, $N$ ranks) multiplies the loss and its gradient;
+        averaged over the ranks, the sum over micro-steps is the mean over the
+        global batch (:mod:`mnn.distributed`, Eq. 1). 1 in one process
+        without accumulation.
+        """
+        if micro == 0:
+            self._step_rows = self.batch(step)
+        x, y = self._step_rows
+        weight, ranks = 1.0, self.world.size
+        if ranks > 1 or self.config.grad_accum > 1:
+            mine = shard(len(x), micro * ranks + self.world.rank, self.config.batch_size)
+            weight = ranks * (mine.stop - mine.start) / len(x)
+            x, y = x[mine], y[mine]
+            if len(x) == 0:  # the epoch's last global batch may not reach this rank
+                return 0.0
         if "augment" in self.generators:
             x = shift_and_flip(x, self.background, self.augment_rng)
         if self.parallel.replicas > 1:
-            return self.parallel.forward_backward(x, y)
+            return self.parallel.forward_backward(x, y, weight)
         loss = float(self.loss_fn.forward(self.model.forward(x), y))
         if math.isfinite(loss):
-            self.model.backward(self.loss_fn.backward())
-        return loss
+            self.model.backward(self.loss_fn.backward(weight))
+        return loss * weight
 
     def gradient_norm(self) -> float:
         return grad_norm(self.grads)

@@ -24,6 +24,22 @@ same way for every model:
 The loop's own state in the checkpoint: ``evaluated`` (the evaluation of this
 step is done), ``lr``, ``running`` (the losses since the last log row),
 ``last_loss`` and ``history``; the task adds its own keys.
+
+Gradient accumulation (``grad_accum`` $A$ in the config, nanoGPT's
+``gradient_accumulation_steps``): a step takes $A$ micro-steps, micro-step
+$m$ backpropagating with the upstream gradient the task gives it (the
+share of the step's rows it holds, $1/A$ for equal micro-batches), so that
+the sum of their gradients is the gradient of the mean over all of their
+rows: one step on an $A$ times larger batch.
+
+Several ranks (``mpiexec -n N``, :mod:`mnn.distributed`): every rank runs
+this loop on its own slice of each micro-batch; the gradients are averaged
+over the ranks after the last micro-step (:class:`~mnn.distributed.DistributedDataParallel`,
+``no_sync`` on the others), and so is the loss. Rank 0 alone logs,
+evaluates and writes files while the others wait; a checkpoint holds every
+rank's random generators and the number of ranks, and resumes only with the
+same number. A stop signal is agreed on with the step's loss, so that every
+rank stops at the same step.
 """
 
 from __future__ import annotations
@@ -35,8 +51,12 @@ import shlex
 import signal
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
+import numpy
+
+from mnn.distributed import DistributedDataParallel, world
 from mnn.errors import CheckpointError, TrainingError
 from mnn.io.checkpoint import CHECKPOINT_NAME, read_checkpoint, restore, save_checkpoint, weights_finite
 from mnn.train.reporting import History, StepTimer, log, progress_bar
@@ -106,6 +126,20 @@ class Run:
         self.checkpoint_path = self.out / CHECKPOINT_NAME
         self.history, self.running, self.last_loss = History(), [], None
         self.start, self.evaluated, self.saved_step, self.ms_per_step = 0, False, None, 0.0
+        self.world, self.accum = world(), getattr(self.config, "grad_accum", 1)
+        self.ddp = DistributedDataParallel(task.model, self.world) if self.world.size > 1 else None
+        self.stop, self.stop_agreed = None, False  # several ranks: a stop signal every rank has heard of
+        if self.world.rank:  # each rank draws its own dropout masks and augmentations, the shared ones excepted
+            shared = getattr(task, "shared_generators", ())
+            for index, (name, rng) in enumerate(sorted(task.generators.items())):
+                if name not in shared:
+                    seeds = numpy.random.SeedSequence([self.config.seed, index, self.world.rank])
+                    rng.bit_generator.state = type(rng.bit_generator)(seeds).state
+        if self.world.size > 1 or self.accum > 1:
+            rows = self.config.batch_size * self.world.size * self.accum
+            block = getattr(self.config, "block_size", None)
+            log(f"global batch {rows} = {self.config.batch_size} per rank x {self.world.size} ranks x "
+                f"{self.accum} micro-steps" + (f" ({rows * block:,} tokens per iteration)" if block else ""))
         if resume is not None:
             self.resume(Path(resume) / CHECKPOINT_NAME)
 
@@ -120,7 +154,17 @@ class Run:
                 f"{path}: the checkpoint is at step {step}, and this run ends at step {total}: nothing to train; "
                 f"give {task.length_option} so that the run goes past step {step}")
         task.check_resume(metadata, path)
+        saved_ranks = int(metadata.get("world_size", 1))
+        if saved_ranks != self.world.size:
+            raise CheckpointError(
+                f"{path}: written by {saved_ranks} rank(s), this run has {self.world.size}: each rank's batches and "
+                f"random streams depend on the number of ranks, so the run would not continue exactly; resume it "
+                f"with {saved_ranks} rank(s)" + (f" (mpiexec -n {saved_ranks})" if saved_ranks > 1 else ""))
         restore(tensors, metadata, path, task.model, task.optimizer, task.generators)
+        if self.world.rank:  # restore() gave every rank rank 0's generators
+            own = json.loads(metadata["ranks_rng"])[self.world.rank - 1]
+            for name, rng in task.generators.items():
+                rng.bit_generator.state = own[name]
         self.start, self.evaluated, self.saved_step = step, loop["evaluated"], step
         self.history, self.running, self.last_loss = History(loop["history"]), loop["running"], loop["last_loss"]
         if loop["lr"] is not None:
@@ -130,11 +174,44 @@ class Run:
 
     def save_checkpoint(self, step: int, evaluated: bool) -> None:
         task = self.task
-        state = {"evaluated": evaluated, "lr": task.optimizer.lr, "running": self.running,  # no timings:
-                 "last_loss": self.last_loss, "history": self.history.rows, **task.state(step)}  # runs must match
-        save_checkpoint(self.checkpoint_path, task.model, task.optimizer, task.generators,
-                        dataclasses.asdict(self.config), step, state, **task.checkpoint_metadata())
+        extra = {"world_size": self.world.size} if self.world.size > 1 else {}
+        if self.world.size > 1:  # every rank's generators: each resumes its own streams
+            states = self.world.gather({name: rng.bit_generator.state for name, rng in task.generators.items()})
+            extra["ranks_rng"] = states[1:] if self.world.is_main else None
+        if self.world.is_main:
+            state = {"evaluated": evaluated, "lr": task.optimizer.lr, "running": self.running,  # no timings:
+                     "last_loss": self.last_loss, "history": self.history.rows, **task.state(step)}  # runs must match
+            save_checkpoint(self.checkpoint_path, task.model, task.optimizer, task.generators,
+                            dataclasses.asdict(self.config), step, state, **task.checkpoint_metadata(), **extra)
         self.saved_step = step
+        if self.world.size > 1:  # the others wait (asleep) for rank 0's evaluation and file, and agree on stopping
+            self.stop_agreed = self.world.wait_for_all(self.stop_requested(local=True))
+
+    def stop_requested(self, local: bool = False) -> bool:
+        """A stop signal came: in one process, to this one; with several ranks, the one all have agreed on."""
+        if self.world.size == 1 or local:
+            return self.stop is not None and self.stop.requested
+        return self.stop_agreed
+
+    def gradients(self, step: int) -> float:
+        """The step's gradients: ``grad_accum`` micro-steps, averaged over the ranks; the step's mean loss."""
+        task, ddp = self.task, self.ddp
+        if ddp is None and self.accum == 1:
+            return task.forward_backward(step)
+        if ddp is not None:
+            ddp.sync_buffers()
+        loss = 0.0
+        for micro in range(self.accum):
+            with nullcontext() if ddp is None or micro == self.accum - 1 else ddp.no_sync():
+                part = task.forward_backward(step, micro)  # weighted by the micro-batch's share of the rows
+                if ddp is not None:
+                    ddp.finish_backward()  # the reduction, on the last micro-step only
+            loss = part if micro == 0 else loss + part
+        if ddp is None:
+            return loss
+        mean_loss, stopping = self.world.mean([loss, float(self.stop_requested(local=True))])
+        self.stop_agreed = self.stop_agreed or bool(stopping > 0)
+        return float(mean_loss)
 
     def kept_message(self) -> str:
         if self.saved_step is None:
@@ -143,6 +220,12 @@ class Run:
                 f"{self.task.weights_note()}; resume with: {resume_command(self.task.name, self.out)}")
 
     def evaluate(self, step: int, timers: tuple, bar) -> None:
+        if self.world.is_main:
+            with self.world.main_alone():
+                self.evaluate_here(step, timers, bar)
+        self.save_checkpoint(step, evaluated=True)
+
+    def evaluate_here(self, step: int, timers: tuple, bar) -> None:
         started = time.perf_counter()
         metrics = self.task.evaluate(step)
         timer = timers[0]
@@ -158,7 +241,6 @@ class Run:
                                 f"is broken, training "
                                 f"stopped; {self.kept_message()}. Lower the learning rate")
         self.task.after_evaluation(step, metrics)
-        self.save_checkpoint(step, evaluated=True)
 
     def nonfinite(self, step: int, what: str, value, skipped_all: bool = False) -> None:
         """Stop, or (with ``skip_nonfinite``, while the weights are finite) log and skip the step."""
@@ -177,16 +259,19 @@ class Run:
         """Run to ``task.total_steps`` or a stop signal; write the history and its plot; return the task's result."""
         task, config = self.task, self.config
         total, interval = task.total_steps, config.checkpoint_interval
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
-        bar = progress_bar(total, initial=self.start, description="train")
+        main = self.world.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
+        bar = progress_bar(total, initial=self.start, description="train") if main else None
         timer, log_timer = StepTimer(), StepTimer()  # ms per step at evaluations / at log lines
         skipped, last_evaluation, step = 0, self.start, self.start
         with StopRequest() as stop:
+            self.stop = stop
             for step in range(self.start, total + 1):
                 if self.on_step is not None:
                     self.on_step(step)
-                if stop.requested:  # the signal came during the last step: save before anything else
+                if self.stop_requested():  # the signal came during the last step: save before anything else
                     if self.saved_step != step:
                         self.save_checkpoint(step, evaluated=False)
                     break
@@ -195,13 +280,13 @@ class Run:
                         self.nonfinite(step, task.stretch(last_evaluation, step), None, skipped_all=True)
                     self.evaluate(step, (timer, log_timer), bar)
                     skipped, last_evaluation = 0, step
-                if stop.requested and self.saved_step != step:  # the signal came during the evaluation
+                if self.stop_requested() and self.saved_step != step:  # the signal came during the evaluation
                     self.save_checkpoint(step, evaluated=False)
-                if step == total or stop.requested:
+                if step == total or self.stop_requested():
                     break
                 task.optimizer.lr = task.schedule(step)
                 task.optimizer.zero_grad()
-                loss = task.forward_backward(step)
+                loss = self.gradients(step)
                 norm = task.gradient_norm() if math.isfinite(loss) else math.nan
                 if not math.isfinite(loss) or not math.isfinite(norm):
                     what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
@@ -227,11 +312,16 @@ class Run:
                     self.save_checkpoint(step + 1, evaluated=False)
         if bar is not None:
             bar.close()
-        stopped = stop.requested and step < total
+        stopped = self.stop_requested() and step < total
+        self.stop = None
         with StopRequest() as late:  # a signal now waits until the weights, history and plot are written
-            task.finish(stopped)
-            self.history.write(self.out)
-            self.history.plot(self.out / "loss.png", task.plot_series, task.plot_title)
+            if main:
+                task.finish(stopped)
+                self.history.write(self.out)
+                self.history.plot(self.out / "loss.png", task.plot_series, task.plot_title)
+            elif hasattr(task, "parallel"):
+                task.parallel.close()
+        self.world.wait_for_all()
         if late.requested:
             log(f"{late.signal_name} came while the outputs were written: they are complete")
         if stopped:

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from mnn.distributed import is_worker
+
 
 
 def progress_bar(total: int, initial: int = 0, description: str = ""):
@@ -22,7 +24,9 @@ def progress_bar(total: int, initial: int = 0, description: str = ""):
 
 
 def log(line: str, bar=None) -> None:
-    """Print a log line without tearing the progress bar."""
+    """Print a log line without tearing the progress bar (with several ranks, rank 0 alone prints)."""
+    if is_worker():
+        return
     if bar is not None:
         bar.write(line)
     else:
