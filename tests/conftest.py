@@ -39,7 +39,7 @@ def _host_boundary(method):
     @functools.wraps(method)
     def wrapped(self, *args, **kwargs):
         caller = sys._getframe(1).f_globals.get("__name__", "")
-        if not (caller == "mnn" or caller.startswith("mnn.")):
+        if backend.device == "strict" and not (caller == "mnn" or caller.startswith("mnn.")):
             args = _to_device(args)
             kwargs = {key: _to_device(value) for key, value in kwargs.items()}
         return method(self, *args, **kwargs)
