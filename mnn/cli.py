@@ -1,4 +1,5 @@
-"""The ``mnn`` command: ``mnn train mlp|cnn|gpt|char-rnn``, ``mnn eval``, ``mnn sample``, ``mnn export``, ``mnn import``.
+"""The ``mnn`` command: ``mnn train mlp|cnn|gpt|char-rnn``, ``mnn eval``, ``mnn sample``, ``mnn export``, ``mnn import``,
+``mnn exercise`` (:mod:`mnn.exercises`).
 
 Every error a user can cause ends in one line on stderr and exit status 2,
 never a traceback. Ctrl-C or SIGTERM during training saves a checkpoint and
@@ -279,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("--vocab-text", type=text_file, metavar="FILE",
                          help="the text the model was trained on: its sorted characters are the vocabulary "
                               "(default: the file's 'vocab' metadata)")
+    from mnn.exercises._command import add_exercise_parser  # noqa: PLC0415
+
+    add_exercise_parser(commands)
     parser.subcommand_parsers = {"": parser, "train": train}
     return parser
 
@@ -312,6 +316,10 @@ def run(args) -> int:
         distributed.fit_replicas(config, getattr(args, "replicas", None) is not None, distributed.world())
         train(config, resume=resume)
         return 0
+    if args.command == "exercise":
+        from mnn.exercises._command import run_exercise  # noqa: PLC0415
+
+        return run_exercise(args)
     from mnn import _commands  # noqa: PLC0415
 
     return getattr(_commands, args.command if args.command != "import" else "import_")(args)
@@ -346,7 +354,7 @@ def main(argv=None) -> int:
     missing = "command" if args.command is None else "model" if args.command == "train" and not args.model else ""
     if missing:
         sub = parser.subcommand_parsers["" if missing == "command" else "train"]
-        choices = "train, eval, sample, export, import" if missing == "command" else ", ".join(TRAINERS)
+        choices = "train, eval, sample, export, import, exercise" if missing == "command" else ", ".join(TRAINERS)
         sys.stderr.write(sub.format_help())
         print(f"mnn: error: {sub.prog}: give a {missing.upper()}: one of {choices}", file=sys.stderr)
         return 2

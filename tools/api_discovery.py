@@ -24,12 +24,13 @@ PACKAGE = "mnn"
 # ``__init__`` comes first, with its overview; its modules follow.
 READING_ORDER = [
     "module",
-    "layers", "layers.linear", "layers.activation", "layers.softmax", "layers.dropout", "layers.matmul",
+    "layers", "layers.linear", "layers.activation", "layers.prelu", "layers.softmax", "layers.dropout", "layers.matmul",
     "layers.embedding", "layers.normalization", "layers.attention",
     "losses",
     "optim", "optim.optimizer", "optim.sgd", "optim.adam", "optim.schedules",
     "models", "models.mlp", "models.gpt",
     "parallel", "gradcheck", "summary",
+    "exercises", "exercises.catalog", "exercises.skeleton", "exercises.check", "exercises.diagnosis",
     "io", "io.safetensors", "io.weights", "io.checkpoint", "io.interop",
     "data", "data.idx", "data.vision", "data.batches", "data.text", "data.download",
     "train", "train.loop", "train.classifier", "train.language_model", "train.reporting",

@@ -49,6 +49,8 @@ from api_discovery import (  # noqa: E402, F401 (the names the tests and tools u
     public_objects,
 )
 from docstring_markdown import Formula, convert, unbalanced_backticks  # noqa: E402
+sys.path.insert(0, str(ROOT))  # this checkout's mnn, for its exercises (the pages are read by griffe, not imported)
+from mnn.exercises.catalog import DIFFICULTIES, EXERCISES  # noqa: E402 (the exercises of each chapter and page)
 from table_pages import GENERATED_MARK, table_page  # noqa: E402
 
 # The learning path: (title, candidate names, why read it). A candidate is a
@@ -213,6 +215,15 @@ class Renderer:
                     "[`tools/gradcheck_report.py`](../../tools/gradcheck_report.py).")
         return None
 
+    def exercise_line(self, doc: ObjectDoc) -> str | None:
+        """The page's exercise, for a class that is one: how to start it and check it."""
+        for e in EXERCISES:
+            if e.name == doc.name and e.module == f"{PACKAGE}.{doc.module}":
+                return (f"> **Exercise** ({DIFFICULTIES[e.difficulty]}): write this backward yourself: "
+                        f"`mnn exercise start {e.name}`, then `mnn exercise check {e.file_name}` "
+                        "(see [Writing a layer](../writing-a-layer.md#exercises)).")
+        return None
+
     def _head(self, doc: ObjectDoc, signature: str) -> list[str]:
         title = doc.name if doc.page == doc.name else doc.key
         out = [GENERATED_MARK, f"<!-- module: {PACKAGE}.{doc.module} -->", "", f"# {title}", ""]
@@ -236,6 +247,9 @@ class Renderer:
         self.formulas[doc.page] = []
         out = self._head(doc, class_signature(cls))
         line = self.gradcheck_line(doc)
+        if line:
+            out += [line, ""]
+        line = self.exercise_line(doc)
         if line:
             out += [line, ""]
         body = self.docstring(cls, doc.page, level=2)
@@ -303,12 +317,19 @@ class Renderer:
                "loss = loss_fn.forward(model.forward(x), y)",
                "model.backward(loss_fn.backward())   # each layer: read its cache, add to its grads, return dx",
                "optimizer.step()                     # update every parameter from its gradient",
-               "```", ""]
+               "```", "",
+               "A chapter ends with its exercise: the layer with its backward removed (`mnn exercise start NAME`), "
+               "for you to derive and write, and a check that says what is wrong (`mnn exercise check FILE`); "
+               "[Writing a layer](writing-a-layer.md) shows the way, on a new layer.", ""]
         self.formulas["learning-path"] = []
         for number, (title, candidates, why) in enumerate(LEARNING_PATH, start=1):
             present = [(c.split(".")[-1], self.resolve(c)) for c in candidates if self.resolve(c)]
             md, found = convert(why)
             self.formulas["learning-path"].extend(found)
+            exercises = [e for e in EXERCISES if e.chapter == title]
+            if exercises:
+                md += " *Exercise{}:* {}.".format("s" if len(exercises) > 1 else "", ", ".join(
+                    f"`mnn exercise start {e.name}` ({DIFFICULTIES[e.difficulty]})" for e in exercises))
             if present:
                 links = ", ".join(f"[`{name}`](api/{page}.md)" for name, page in present)
                 out.append(f"{number}. **{title}**: {links}. {md[0].upper() + md[1:]}")

@@ -145,6 +145,8 @@ CASES.update({
     "layers.activation.LeakyReLU": Case("LeakyReLU(0.1), x (3, 5), |x| >= 0.1", lambda m, rng: m.LeakyReLU(0.1),
                                         lambda rng: (away_from_zero(rng, 3, 5),)),
     "layers.activation.SiLU": Case("SiLU(), x (3, 5)", lambda m, rng: m.SiLU(), lambda rng: (normal(rng, 3, 5),)),
+    "layers.prelu.PReLU": Case("PReLU(3), slopes 0.25, x (2, 3, 4), |x| >= 0.1", lambda m, rng: m.PReLU(3),
+                               lambda rng: (away_from_zero(rng, 2, 3, 4),)),
     "layers.activation.ELU": Case("ELU(), x (3, 5), |x| >= 0.1", lambda m, rng: m.ELU(),
                                   lambda rng: (away_from_zero(rng, 3, 5),)),
     "layers.conv.Conv2d": Case("Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2), x (2, 4, 7, 7)",

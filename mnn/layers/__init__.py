@@ -1,6 +1,6 @@
 """Every layer, by family as in ``torch.nn.modules``: ``from mnn.layers import Linear, GELU, LayerNorm``.
 
-Read them in this order: ``linear`` (the exemplar), ``activation``,
+Read them in this order: ``linear`` (the exemplar), ``activation`` (and ``prelu``),
 ``softmax``, ``dropout``, ``matmul``, ``embedding``, ``normalization``,
 ``attention``, ``rnn`` (then ``lstm``, ``gru``). Each file holds a family's
 layers with their compiled loops (:mod:`mnn.jit`) beside them.
@@ -19,10 +19,11 @@ from mnn.layers.lstm import LSTM
 from mnn.layers.matmul import MatrixProduct
 from mnn.layers.normalization import LayerNorm
 from mnn.layers.pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
+from mnn.layers.prelu import PReLU
 from mnn.layers.rnn import RNN
 from mnn.layers.softmax import LogSoftmax, Softmax
 
 __all__ = ["ELU", "GELU", "GRU", "LSTM", "RNN", "AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm1d",
            "BatchNorm2d", "Conv2d", "Dropout", "Embedding", "Flatten", "LayerNorm", "LeakyReLU", "Linear",
-           "Log", "LogSoftmax", "MatrixProduct", "MaxPool2d", "MultiHeadAttention", "ReLU", "SiLU",
+           "Log", "LogSoftmax", "MatrixProduct", "MaxPool2d", "MultiHeadAttention", "PReLU", "ReLU", "SiLU",
            "Sigmoid", "Softmax", "Tanh"]
