@@ -116,6 +116,7 @@ MISTAKES = {
         ("LayerNorm", "return -super().backward(*args)"),
         ("MSELoss", "return -super().backward(*args)"),
         ("Linear", PARAMETER_CHANGE.format(change="g[...] = 2 * before[k] - g  # minus this step's gradient")),
+        ("PReLU", "x = self.cache\nreturn numpy.where(x <= 0, -1, 1) * super().backward(*args)  # one case wrong"),
     ],
     "transposed": [
         ("Linear", "return numpy.swapaxes(super().backward(*args), -1, -2)"),
@@ -199,6 +200,24 @@ def test_factor_diagnoses_say_which_mistake(tmp_path):
     assert "the 1/N of the mean is missing" in cross and "rows of scores" in cross, cross
     nll = wrong(tmp_path, "NLLLoss", MISTAKES["factor"][4][1])
     assert "does not carry the upstream gradient" in nll, nll
+
+
+def test_a_sign_wrong_in_one_case_is_told_apart(tmp_path):
+    text = wrong(tmp_path, "PReLU", MISTAKES["sign"][5][1])
+    assert "the sizes are right but the sign is wrong in" in text, text
+
+
+def test_a_file_that_does_not_run_or_holds_no_exercise_is_refused(tmp_path, capsys):
+    broken = tmp_path / "linear.py"
+    broken.write_text("# mnn exercise: Linear\ndef backward(self, dy:\n")
+    assert main(["exercise", "check", str(broken)]) == 2
+    assert "does not run: line 2: SyntaxError" in capsys.readouterr().err
+    other = tmp_path / "other.py"
+    other.write_text("x = 1\n")
+    assert main(["exercise", "check", str(other)]) == 2
+    assert "no exercise class in it" in capsys.readouterr().err
+    assert main(["exercise", "check", str(tmp_path / "missing.py")]) == 2
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_a_backward_that_raises_is_shown_with_its_line(tmp_path):
