@@ -207,6 +207,27 @@ def test_a_sign_wrong_in_one_case_is_told_apart(tmp_path):
     assert "the sizes are right but the sign is wrong in" in text, text
 
 
+def test_a_wrong_gate_is_located_in_one_step_and_a_wrong_carry_in_time(tmp_path):
+    gate = wrong(tmp_path, "LSTM", """
+        result = super()._backward_direction(*args)
+        H = self.hidden_size
+        for grad in args[4]:
+            grad[H:2 * H] *= 2  # the forget gate's rows
+        return result
+    """, method="_backward_direction")
+    assert "one step (the cell alone)" in gate and "right in the rows of gates i, g, o; wrong in those of f" in gate
+    carry = wrong(tmp_path, "LSTM", """
+        doutput, dstateT, cache, weights, grads = args
+        T = doutput.shape[0]
+        dx, dstate0 = super()._backward_direction(doutput, dstateT, cache, weights, grads)
+        if T > 1:  # what reaches step T-2 from step T-1 is lost: only the last step's input gradient is right
+            dx[:-1] = super()._backward_direction(doutput[:-1], dstateT, tuple(a[:-1] for a in cache),
+                                                  weights, [numpy.zeros_like(g) for g in grads])[0]
+        return dx, dstate0
+    """, method="_backward_direction")
+    assert "only the last step is right" in carry, carry
+
+
 def test_a_file_that_does_not_run_or_holds_no_exercise_is_refused(tmp_path, capsys):
     broken = tmp_path / "linear.py"
     broken.write_text("# mnn exercise: Linear\ndef backward(self, dy:\n")

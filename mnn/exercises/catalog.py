@@ -41,7 +41,7 @@ class Exercise:
         module: the module that defines the class (``mnn.layers.linear``).
         difficulty: 1 (easy), 2 (medium) or 3 (hard).
         chapter: the title of its step of the learning path.
-        make_case: ``make_case(rng)`` -> a random :class:`Case`.
+        make_case: ``make_case(rng, trial)`` -> a random :class:`Case` (``trial`` counts the cases of one check).
         kind: ``"layer"`` (``backward(dy)``), ``"loss"`` (``backward(dloss)``, a scalar) or
             ``"recurrent"`` (``forward(x, state)``, ``backward(doutput, dstate)``).
         write: the methods the student writes (their bodies are removed).
@@ -87,25 +87,25 @@ def _random_affine(layer, rng) -> None:
 
 
 def _elementwise(margin: bool = False):
-    def make(rng):
+    def make(rng, trial: int = 0):
         a, b, c = _sizes(rng, 3)
         x = _away_from_zero(rng, (a, b, c)) if margin else rng.standard_normal((a, b, c))
         return Case(f"x {(a, b, c)}", (), {}, (x,), ("x",))
     return make
 
 
-def _linear(rng):
+def _linear(rng, trial: int = 0):
     B, T, n, m = _sizes(rng, 4)
     return Case(f"Linear({n}, {m}), x {(B, T, n)}", (n, m), {"rng": rng}, (rng.standard_normal((B, T, n)),), ("x",))
 
 
-def _rows(rng):
+def _rows(rng, trial: int = 0):
     a, b, c = _sizes(rng, 3)
     return Case(f"x {(a, b, c)}", (), {}, (rng.standard_normal((a, b, c)),), ("x",))
 
 
 def _class_loss(log_probabilities: bool):
-    def make(rng):
+    def make(rng, trial: int = 0):
         a, b, C = _sizes(rng, 3)
         scores = rng.standard_normal((a, b, C))
         if log_probabilities:
@@ -115,32 +115,32 @@ def _class_loss(log_probabilities: bool):
     return make
 
 
-def _mse(rng):
+def _mse(rng, trial: int = 0):
     a, b = _sizes(rng, 2)
     shape = (a, b)
     return Case(f"prediction and target {shape}", (), {}, (rng.standard_normal(shape), rng.standard_normal(shape)),
                 ("prediction", "target"))
 
 
-def _matrix_product(rng):
+def _matrix_product(rng, trial: int = 0):
     b, n, k, m = _sizes(rng, 4)
     return Case(f"Q {(b, n, k)}, P {(b, k, m)}", (), {}, (rng.standard_normal((b, n, k)),
                                                           rng.standard_normal((b, k, m))), ("Q", "P"))
 
 
-def _embedding(rng):
+def _embedding(rng, trial: int = 0):
     V, C, a, b = _sizes(rng, 4, 2, 8)
     ids = rng.integers(0, V, (a, b))  # repeated ids: their gradient rows must add up
     return Case(f"Embedding({V}, {C}), ids {(a, b)}", (V, C), {"rng": rng}, (ids,), ("ids",))
 
 
-def _layer_norm(rng):
+def _layer_norm(rng, trial: int = 0):
     a, b, C = _sizes(rng, 3)
     return Case(f"LayerNorm({C}), random gamma and beta, x {(a, b, C)}", (C,), {},
                 (rng.standard_normal((a, b, C)),), ("x",), _random_affine)
 
 
-def _attention(rng):
+def _attention(rng, trial: int = 0):
     B, T = _sizes(rng, 2, 2, 4)
     NH, hs = [int(v) for v in rng.choice([(2, 3), (3, 2), (2, 2)], 1)[0]]
     C = NH * hs
@@ -148,7 +148,7 @@ def _attention(rng):
                 (rng.standard_normal((B, T, C)),), ("x",))
 
 
-def _conv(rng):
+def _conv(rng, trial: int = 0):
     N, C_in, C_out = _sizes(rng, 3, 1, 4)
     H, W = _sizes(rng, 2, 4, 7)
     stride, padding = int(rng.integers(1, 3)), int(rng.integers(0, 2))
@@ -157,7 +157,7 @@ def _conv(rng):
                 (rng.standard_normal((N, C_in, H, W)),), ("x",))
 
 
-def _max_pool(rng):
+def _max_pool(rng, trial: int = 0):
     N, C = _sizes(rng, 2, 1, 3)
     H, W = 2 * numpy.array(_sizes(rng, 2, 2, 4))
     shape = (N, C, int(H), int(W))
@@ -166,21 +166,23 @@ def _max_pool(rng):
     return Case(f"MaxPool2d(2), x {shape}, no ties", (2,), {}, (x,), ("x",))
 
 
-def _batch_norm(rng):
+def _batch_norm(rng, trial: int = 0):
     N, C, H, W = _sizes(rng, 4, 2, 5)
     return Case(f"BatchNorm2d({C}), training, random gamma and beta, x {(N, C, H, W)}", (C,), {},
                 (rng.standard_normal((N, C, H, W)),), ("x",), _random_affine)
 
 
-def _lstm(rng):
+def _lstm(rng, trial: int = 0):
+    """The first case is one step of one layer (the cell alone); the next ones go through time and layers."""
     T, B, n, H = _sizes(rng, 4, 2, 5)
-    layers = int(rng.integers(1, 3))
+    T, layers = (1, 1) if trial == 0 else (T + 1, int(rng.integers(1, 3)))
     x, h0, c0 = rng.standard_normal((T, B, n)), rng.standard_normal((layers, B, H)), rng.standard_normal((layers, B, H))
-    return Case(f"LSTM({n}, {H}, num_layers={layers}), x {(T, B, n)}, h0 and c0 {(layers, B, H)}",
+    steps = "one step (the cell alone)" if T == 1 else "through time"
+    return Case(f"LSTM({n}, {H}, num_layers={layers}), {steps}, x {(T, B, n)}, h0 and c0 {(layers, B, H)}",
                 (n, H), {"num_layers": layers, "rng": rng}, (x, h0, c0), ("x", "h0", "c0"))
 
 
-def _prelu(rng):
+def _prelu(rng, trial: int = 0):
     N, C, L = _sizes(rng, 3)
     x = _away_from_zero(rng, (N, C, L))
     return Case(f"PReLU({C}), random slopes, x {(N, C, L)}", (C,), {}, (x,), ("x",),
@@ -209,7 +211,9 @@ EXERCISES: list[Exercise] = [
     Exercise("BatchNorm2d", L + "batchnorm", 3, "Batch normalisation", _batch_norm,
              "the gradient through the batch statistics"),
     Exercise("LSTM", L + "lstm", 3, "Recurrence", _lstm, "four gates, then backpropagation through time",
-             kind="recurrent", write=("_backward_direction",)),
+             kind="recurrent", write=("_backward_direction",),
+             extra={"locate": {"dx": ("right at time step {right}; wrong at {wrong}", None),
+                               "grads": ("right in the rows of gates {right}; wrong in those of {wrong}", "ifgo")}}),
     Exercise("MultiHeadAttention", L + "attention", 3, "Attention", _attention,
              "the backward of a composite layer, through its sub-layers"),
     Exercise("LayerNorm", L + "normalization", 3, "LayerNorm", _layer_norm, "a Jacobian that couples the row",

@@ -33,7 +33,7 @@ from mnn import backend
 from mnn.backend import xp
 from mnn.errors import MnnError
 from mnn.exercises.catalog import EXERCISES, Exercise, find
-from mnn.exercises.diagnosis import diagnose, explain_exception, relative_error
+from mnn.exercises.diagnosis import diagnose, explain_exception, locate, relative_error
 from mnn.exercises.skeleton import NOT_WRITTEN
 from mnn.gradcheck import gradcheck
 from mnn.module import Module
@@ -205,6 +205,22 @@ def _accumulation_problems(probe, student, case, upstream, first: dict) -> list[
     return problems
 
 
+def _parts(exercise: Exercise, label: str, have, want) -> str:
+    """Where a wrong gradient is right and where not, in the exercise's words (time steps, gates), or ''."""
+    spec = exercise.extra.get("locate", {})
+    template, names = spec.get("grads" if label.startswith("grads[") else label,
+                               (f"right in {label}[{{right}}]; wrong in {label}[{{wrong}}] (along axis 0)", None))
+    found = locate(have, want, blocks=len(names) if names else None)
+    if found is None:
+        return ""
+    right, wrong = [", ".join(names[i] if names else str(i) for i in part[:8]) for part in found]
+    text = "; " + template.format(right=right, wrong=wrong)
+    if "time step" in template and found[0] == [len(found[0]) + len(found[1]) - 1]:
+        text += (" (only the last step is right: look at what is carried back from each step to the one before, "
+                 "the gradients reaching h and c)")
+    return text
+
+
 def _run_case(report: Report, student_cls, case, path: Path, rng) -> None:
     exercise = report.exercise
     reference = _build(exercise.reference(), exercise, case)
@@ -271,6 +287,8 @@ def _run_case(report: Report, student_cls, case, path: Path, rng) -> None:
     for index, (label, have, want) in enumerate(rows):
         words = diagnose(have, want, counts)
         error = relative_error(have, want) if have is not None and numpy.shape(have) == numpy.shape(want) else None
+        if words is not None and error is not None:
+            words += _parts(exercise, label, have, want)
         rows[index] = (label, error, words)
         if words is not None:
             report.problems.append(f"{label} is wrong: {words}")
@@ -319,7 +337,7 @@ def check(path, trials: int = 2, seed: int = 0) -> Report:
     try:
         for trial in range(trials):
             rng = numpy.random.default_rng([seed, trial])
-            case = exercise.make_case(rng)
+            case = exercise.make_case(rng, trial)
             report.lines.append(f"case {trial + 1}: {case.text}")
             _run_case(report, student_cls, case, path, rng)
             if report.problems or report.not_written:

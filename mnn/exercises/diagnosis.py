@@ -120,6 +120,22 @@ def diagnose(got, expected, counts: dict) -> str | None:
             f"{got[index]:.6g}, expected {expected[index]:.6g}")
 
 
+def locate(got, expected, blocks: int | None = None) -> tuple[list[int], list[int]] | None:
+    """``(right, wrong)`` indices along the first axis (or of ``blocks`` equal row blocks, such as the gate blocks
+    of a recurrent weight), where some parts are right and some are not; ``None`` otherwise."""
+    got, expected = numpy.asarray(got, dtype=float), numpy.asarray(expected, dtype=float)
+    if got.shape != expected.shape or got.ndim == 0:
+        return None
+    if blocks:
+        if got.shape[0] % blocks:
+            return None
+        got, expected = got.reshape(blocks, -1), expected.reshape(blocks, -1)
+    right = [i for i in range(got.shape[0]) if relative_error(got[i], expected[i]) <= 1e-7]
+    if not right or len(right) == got.shape[0]:
+        return None
+    return right, [i for i in range(got.shape[0]) if i not in right]
+
+
 def explain_exception(error: BaseException) -> str:
     """A numpy shape error, with what its two shapes suggest (a transposed operand); other errors as they are."""
     message = str(error)
