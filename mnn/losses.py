@@ -11,7 +11,7 @@ import math
 
 import numpy
 
-from mnn import jit
+from mnn import cuda_kernels, jit
 from mnn.backend import on_cpu, xp
 from mnn.errors import InputError, ShapeError
 from mnn.module import Module
@@ -155,6 +155,13 @@ class CrossEntropyLoss(Module):
             xp.exp(exp, out=exp)  # numpy's vectorised exp (numba's is scalar)
             total = _log_sum_and_normalise_kernel(exp, picked)  # Eq. (1); y = softmax(x)
             loss = rows.dtype.type(total / n)
+        elif cuda_kernels.usable(rows):  # the GPU: exp(x - m) in one pass
+            row_max = rows.max(axis=1, keepdims=True)
+            picked = rows[xp.arange(n), labels] - row_max[:, 0]  # Eq. (1): x_t - m
+            exp = cuda_kernels.exp_shifted(rows, row_max)  # Eq. (1)
+            sum_exp = exp.sum(axis=1, keepdims=True)
+            loss = (xp.log(sum_exp[:, 0]) - picked).mean()  # Eq. (1)
+            exp /= sum_exp  # y = softmax(x), reused by backward
         else:
             shifted = rows - rows.max(axis=1, keepdims=True)  # Eq. (1): x - m
             picked = shifted[xp.arange(n), labels]  # x_t - m, read before exp overwrites it
@@ -171,6 +178,8 @@ class CrossEntropyLoss(Module):
         scale = float(dloss) / n
         if jit.usable(probs, labels):
             _onehot_subtract_kernel(probs, labels, probs.dtype.type(scale))  # Eq. (2)
+        elif cuda_kernels.usable(probs):
+            cuda_kernels.onehot_subtract(probs, labels, scale)  # Eq. (2) in one pass (the GPU)
         else:
             probs[xp.arange(n), labels] -= 1.0  # Eq. (2): y - onehot(t)
             probs *= scale  # Eq. (2)

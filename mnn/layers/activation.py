@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from mnn import jit
+from mnn import cuda_kernels, jit
 from mnn.backend import xp
 from mnn.errors import InputError
 from mnn.module import Module, check_output_grad, grad_enabled
@@ -222,6 +222,10 @@ class GELU(Module):
     def forward(self, x):
         if jit.usable(x):
             return self._forward_compiled(x)
+        if cuda_kernels.usable(x):  # the GPU: Eq. (1) in one pass
+            gate, y = cuda_kernels.gelu_forward(x, _SQRT_2_OVER_PI, _GELU_CUBIC * _SQRT_2_OVER_PI)
+            self.cache = (x, gate)
+            return y
         u = x * x
         u *= _GELU_CUBIC * _SQRT_2_OVER_PI
         u += _SQRT_2_OVER_PI
@@ -244,6 +248,8 @@ class GELU(Module):
             _gelu_backward_kernel(jit.flat(x), jit.flat(gate), jit.flat(dy), jit.flat(dx), real(1.0),
                                   real(2.0 * _SQRT_2_OVER_PI), real(6.0 * _GELU_CUBIC * _SQRT_2_OVER_PI))
             return dx
+        if cuda_kernels.usable(x, gate, dy):  # the GPU: Eqs. (2)-(3) in one pass
+            return cuda_kernels.gelu_backward(x, gate, dy, 2.0 * _SQRT_2_OVER_PI, 6.0 * _GELU_CUBIC * _SQRT_2_OVER_PI)
         slope = x * x
         slope *= 6.0 * _GELU_CUBIC * _SQRT_2_OVER_PI
         slope += 2.0 * _SQRT_2_OVER_PI

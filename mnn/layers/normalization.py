@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy
 
-from mnn import jit
+from mnn import cuda_kernels, jit
 from mnn.backend import default_dtype, xp
 from mnn.module import Module, check_input, check_output_grad, grad_enabled
 
@@ -92,6 +92,11 @@ class LayerNorm(Module):
         check_input(self, x, last_dim=self.normalized_shape)
         if jit.usable(x):
             return self._forward_compiled(x)
+        if cuda_kernels.usable(x):  # the GPU: Eqs. (1)-(2) in two row reductions and one element-wise pass
+            x_hat, rstd, y = cuda_kernels.layernorm_forward(x, self.params["weight"], self.params.get("bias"),
+                                                            self.eps)
+            self.cache = (x_hat, rstd)
+            return y
         inv_C = 1.0 / self.normalized_shape
         # Row sums with einsum: faster than ndarray.mean for short rows, no temporaries.
         centred = x - xp.einsum("...c->...", x)[..., None] * inv_C  # Eq. (1): x - mu
@@ -115,6 +120,8 @@ class LayerNorm(Module):
         self.grads["weight"] += xp.einsum("nc,nc->c", dy2, x_hat2)  # Eq. (4)
         if "bias" in self.params:
             self.grads["bias"] += xp.einsum("nc->c", dy2)  # Eq. (4)
+        if cuda_kernels.usable(dy, x_hat):  # the GPU: Eq. (3) in one element-wise pass after two row sums
+            return cuda_kernels.layernorm_input_grad(dy, self.params["weight"], x_hat, rstd)
         g_hat = dy * self.params["weight"]  # Eq. (3): gamma * g
         mean_g = xp.einsum("...c->...", g_hat)[..., None] * (1.0 / C)  # Eq. (3)
         projection = xp.einsum("...c,...c->...", g_hat, x_hat)[..., None] * (1.0 / C)  # Eq. (3)

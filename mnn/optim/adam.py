@@ -6,7 +6,7 @@ import math
 
 import numpy
 
-from mnn import jit
+from mnn import cuda_kernels, jit
 from mnn.backend import xp
 from mnn.optim.optimizer import Optimizer
 
@@ -89,6 +89,11 @@ class Adam(Optimizer):
             _adam_kernel(jit.flat(param), jit.flat(grad), jit.flat(m), jit.flat(v), real(shrink), real(l2),
                          real(beta1), real(beta2), real(1.0 - beta2), real(eps), real(lr / (1.0 - beta1**t)),
                          real(math.sqrt(1.0 - beta2**t)))
+            return
+        if cuda_kernels.usable(param, grad, m, v):  # the GPU: Eqs. (1)-(6) in one pass
+            shrink, l2 = (1.0 - lr * decay, 0.0) if self.decoupled else (1.0, decay)
+            cuda_kernels.adam_update(param, grad, m, v, shrink, l2, beta1, beta2, eps, lr / (1.0 - beta1**t),
+                                     math.sqrt(1.0 - beta2**t))
             return
         g = grad
         if decay != 0.0:
