@@ -1,4 +1,4 @@
-"""The ``mnn`` commands that read a saved model: ``eval``, ``sample``, ``export``, ``import`` (see :mod:`mnn.cli`).
+"""The ``mnn`` commands that read a saved model: ``eval``, ``sample``, ``export``, ``import``, ``summary`` (see :mod:`mnn.cli`).
 
 A model is a weights file, a checkpoint, or a run folder (its weights file, or its checkpoint when there
 is none). What goes to stdout is the result alone (the sample's text, the metric); notes go to stderr.
@@ -113,15 +113,20 @@ def eval(args) -> int:  # noqa: A001 - the command's name
     return 0
 
 
-def run_data(metadata: dict, path: Path):
-    """The ``data`` option of the run that wrote ``path``: from a checkpoint's settings or the run's config.json."""
+def run_settings(metadata: dict, path: Path) -> dict:
+    """The options of the run that wrote ``path``: a checkpoint's settings, else the run's config.json, else ``{}``."""
     settings = metadata.get("train_config")
     if not isinstance(settings, dict):
         try:
             settings = json.loads((path.parent / "config.json").read_text())
         except (OSError, ValueError):
             settings = {}
-    return settings.get("data") if isinstance(settings, dict) else None
+    return settings if isinstance(settings, dict) else {}
+
+
+def run_data(metadata: dict, path: Path):
+    """The ``data`` option of the run that wrote ``path``: from a checkpoint's settings or the run's config.json."""
+    return run_settings(metadata, path).get("data")
 
 
 def gpt_val_loss(model, metadata: dict, path: Path, data) -> float:
@@ -216,4 +221,52 @@ def import_(args) -> int:
     save_model(out, model, **({"vocab": vocab} if vocab is not None else {}))
     note(f"wrote {out}" + ("" if vocab is not None else
                            "; it has no character vocabulary, which mnn sample needs: pass --vocab-text FILE"))
+    return 0
+
+
+def preset_model(name: str, preset):
+    """``(model, options)``: the untrained model ``mnn train NAME --preset PRESET`` would build, and its options."""
+    import dataclasses  # noqa: PLC0415
+
+    from mnn.cli import MODEL_ALIASES, trainer  # noqa: PLC0415
+
+    name = MODEL_ALIASES.get(name, name)
+    config_class, presets, default, _ = trainer(name)
+    if (preset or default) not in presets:
+        raise MnnError(f"--preset {preset}: {name} has the presets {', '.join(presets)}")
+    config = config_class(**presets[preset or default])
+    if name in ("mlp", "cnn"):
+        from mnn.train.classifier import build_classifier  # noqa: PLC0415
+
+        images = numpy.zeros((1, 784) if name == "mlp" else (1, 1, 28, 28))  # Fashion-MNIST's and MNIST's size
+        return build_classifier(config, images), dataclasses.asdict(config)
+    from mnn.train.language_model import build_language_model  # noqa: PLC0415
+
+    return build_language_model(config, 65), dataclasses.asdict(config)  # tiny Shakespeare's 65 characters
+
+
+def batch_shape(model, options: dict, batch_size) -> tuple:
+    """A training batch's shape for ``model``: ``(B, T)`` ids, ``(B, in_features)`` or ``(B, C, H, W)`` images."""
+    config = model.config if isinstance(model.config, dict) else {"block_size": model.config.block_size}
+    B = batch_size or options.get("batch_size") or 12  # 12: the language models' default batch
+    if hasattr(model, "check_ids"):
+        return B, int(options.get("block_size") or config.get("block_size") or 64)
+    if "in_features" in config:
+        return B, int(config["in_features"])
+    return B, int(config["in_channels"]), int(config["image_size"]), int(config["image_size"])
+
+
+def summary(args) -> int:
+    """A model's parameters, matrix-product FLOPs per pass and cached bytes (:func:`mnn.summary.summary`)."""
+    from mnn.summary import summary as account  # noqa: PLC0415
+
+    if args.weights is not None:
+        if args.preset is not None:
+            raise MnnError("--preset goes with --model: a saved model has its own shape")
+        model, metadata, path = load(args.weights)
+        options = run_settings(metadata, path)
+    else:
+        model, options = preset_model(args.model, args.preset)
+    result = account(model, batch_shape(model, options, args.batch_size))
+    print(result.to_json() if args.json else result.table())
     return 0

@@ -280,6 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("--vocab-text", type=text_file, metavar="FILE",
                          help="the text the model was trained on: its sorted characters are the vocabulary "
                               "(default: the file's 'vocab' metadata)")
+
+    accounting = commands.add_parser(
+        "summary", parents=[devices], help="parameters, FLOPs and cached bytes of a model, layer by layer",
+        description="Count, layer by layer, a model's parameters, the matrix-product FLOPs of one forward and one "
+                    "backward pass (from each layer's own equations) and the bytes its cache keeps for backward, "
+                    "at one batch shape (mnn.summary).")
+    which = accounting.add_mutually_exclusive_group(required=True)
+    which.add_argument("weights", metavar="MODEL", nargs="?", help=MODEL_HELP)
+    which.add_argument("--model", choices=[*TRAINERS, *MODEL_ALIASES], help="an untrained model built from a preset")
+    accounting.add_argument("--preset", help="the --model's training preset (default: mnn train's default)")
+    accounting.add_argument("--batch-size", type=positive_int,
+                            help="the batch (default: the run's, else the preset's); T is the block size")
+    accounting.add_argument("--json", action="store_true", help="print JSON: totals at the top, then the layers")
     from mnn.exercises._command import add_exercise_parser  # noqa: PLC0415
 
     add_exercise_parser(commands)

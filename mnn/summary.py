@@ -123,7 +123,7 @@ class Summary:
     def table(self) -> str:
         """A readable table (like torchinfo's): one line per layer, then the totals."""
         header = ("Layer (type)", "Output shape", "Param #", "Forward FLOPs", "Backward FLOPs", "Cache")
-        lines = [(f"{row.name or '(model)'} ({row.kind})", str(tuple(row.output_shape)), f"{row.parameters:,}",
+        lines = [(f"{row.name or '(model)'} ({row.kind})", str(tuple(row.output_shape)) if row.output_shape else "-", f"{row.parameters:,}",
                   f"{row.forward_flops:,}", f"{row.backward_flops:,}",
                   readable_bytes(row.cached_bytes) + (f"  {row.note}" if row.note else "")) for row in self.rows]
         widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
@@ -218,7 +218,9 @@ def summary(model, batch_shape, dtype=None) -> Summary:
     twin.forward(x)
     result = Summary(model=type(model).__name__, batch_shape=batch_shape, dtype=str(x.dtype))
     seen_params, seen_buffers = set(), set()
-    for name, module, shapes, output_shape, output_bytes, returned_bytes in _order_by_start(twin, calls):
+    for name, module in twin.named_modules():  # the order the layers start in (a container records on return)
+        ran = id(module) in calls
+        _, _, shapes, output_shape, output_bytes, returned_bytes = calls.get(id(module), (0, 0, (), (), 0, 0))
         params, param_bytes, tied = 0, 0, []
         for key, value in module.params.items():
             if id(value) in seen_params:
@@ -233,22 +235,18 @@ def summary(model, batch_shape, dtype=None) -> Summary:
             if id(array) not in seen_buffers:
                 seen_buffers.add(id(array))
                 cached += int(array.nbytes)
-        forward_flops, backward_flops = module.flops(*shapes)
+        forward_flops, backward_flops = module.flops(*shapes) if ran else (0, 0)
         leaf = not any(True for _ in module.children())
-        if not (leaf or params or cached or forward_flops):
-            continue  # a container: its layers have their own rows
+        if not (ran and leaf or params or cached or forward_flops):
+            continue  # a container (its layers have their own rows), or a layer without parameters that did not run
+        notes = [f"{', '.join(tied)} tied"] if tied else []
+        notes += [] if ran else ["not run by forward(): no shapes, no FLOPs"]
         result.rows.append(LayerRow(name, type(module).__name__, output_shape, params, param_bytes,
                                     int(forward_flops), int(backward_flops), cached, output_bytes, returned_bytes,
-                                    note=f"{', '.join(tied)} tied" if tied else ""))
+                                    note="; ".join(notes)))
         result.parameters += params
         result.parameter_bytes += param_bytes
     if id(_base_arrays(x, [])[0]) not in seen_buffers:
         result.input_bytes = int(x.nbytes)
     twin.release_caches()
     return result
-
-
-def _order_by_start(model, calls: dict) -> list:
-    """The recorded calls in the order the layers started, which is the order of ``named_modules`` for the
-    layers that ran (a container records its call when it returns, after its layers)."""
-    return [calls[id(module)] for _, module in model.named_modules() if id(module) in calls]

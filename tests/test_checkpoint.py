@@ -50,8 +50,9 @@ def run_mnn(cwd, *args, stop_at=None, sig="SIGINT"):
 
 
 def loss_lines(stdout: str) -> list[str]:
-    """The logged numbers: every line with a loss or an accuracy, minus its timing."""
-    keep = [line.split(" | ")[:-1] if line.endswith("ms/step") else line.split(" | ")
+    """The logged numbers: every line with a loss or an accuracy, minus its timing (ms/step, GFLOP/s, MFU)."""
+    timing = ("ms/step", "GFLOP/s")
+    keep = [[part for part in line.split(" | ") if not part.endswith(timing) and not part.startswith("MFU ")]
             for line in stdout.splitlines() if line.startswith(("step ", "epoch "))]
     return [" | ".join(parts) for parts in keep]
 

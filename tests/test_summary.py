@@ -22,6 +22,8 @@ from mnn.models import CNN, GPT, MLP, CharRNN, GPTConfig
 from mnn.optim import AdamW
 from mnn.summary import readable_bytes, summary
 
+pytestmark = pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # mkldnn.flags
+
 GPT_CPU = {"block_size": 64, "vocab_size": 65, "n_layer": 4, "n_head": 4, "n_embd": 128, "bias": False}
 
 
@@ -212,3 +214,48 @@ def test_json_and_table():
     table = result.table()
     assert "transformer.h.0.attn.c_attn (Linear)" in table and f"{result.forward_flops:,}" in table
     assert readable_bytes(1536) == "1.5 KiB" and readable_bytes(12) == "12 B"
+
+
+def test_cli_summary_of_a_preset_and_of_a_saved_model(tmp_path, capsys):
+    from mnn.cli import main
+    from mnn.io import save_model
+
+    assert main(["summary", "--model", "gpt", "--preset", "shakespeare-char-cpu", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["batch_shape"] == [12, 64]
+    assert (data["forward_flops"], data["backward_flops"]) == (1_321_402_368, 2_642_804_736)
+    assert data["parameters"] == 804_096 and data["cached_bytes"] > 0
+    save_model(tmp_path / "model.safetensors", CharRNN(65, 16, 32, 1), vocab="abc")
+    assert main(["summary", str(tmp_path), "--batch-size", "4"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("CharRNN, batch (4, 64), int64") and "rnn (LSTM)" in table
+    assert main(["summary", str(tmp_path), "--preset", "default"]) == 2
+    assert "--preset goes with --model" in capsys.readouterr().err
+    assert main(["summary", "--model", "cnn", "--preset", "nope"]) == 2
+    assert "cnn has the presets default, fashion-best" in capsys.readouterr().err
+
+
+def test_mfu_figures_and_the_probe(tmp_path, monkeypatch):
+    from mnn import throughput
+
+    monkeypatch.setenv("MNN_PEAK_GFLOPS", "100")
+    assert throughput.achieved(2e9, 10.0) == (200.0, 2.0)  # 2 GFLOP in 10 ms: 200 GFLOP/s, twice a 100 peak
+    assert throughput.speed(12.34) == "12.3 ms/step"  # no task: no FLOPs to divide
+    task = type("Task", (), {"model": MLP(784, (256,), 10), "x_train": np.zeros((5, 784), dtype=np.float32),
+                             "config": SimpleNamespace(batch_size=64, grad_accum=2)})()
+    assert throughput.task_step_flops(task) == 2 * (26_017_792 + 26_345_472)  # two micro-batches of 64 a step
+    assert throughput.speed(0.0, task) == "0.0 ms/step"  # nothing timed yet: no probe, no figure
+    assert throughput.speed(10.0, task) == "10.0 ms/step | 10 GFLOP/s | MFU 10%"
+    monkeypatch.delenv("MNN_PEAK_GFLOPS")
+    monkeypatch.setenv("MNN_CACHE", str(tmp_path))
+    monkeypatch.setattr(throughput, "_peaks", {})
+    rates = throughput.measure_sgemm(size=64, repeats=3)
+    assert rates["gflops"] >= rates["median_gflops"] > 0
+    measured = []
+    rates = {"gflops": 321.0, "median_gflops": 300.0}
+    monkeypatch.setattr(throughput, "measure_sgemm", lambda: measured.append(1) or rates)
+    assert throughput.peak_gflops() == 321.0 and throughput.peak_gflops() == 321.0 and measured == [1]
+    monkeypatch.setattr(throughput, "_peaks", {})  # a new process reads the cache file: no second measurement
+    assert throughput.peak_gflops() == 321.0 and measured == [1]
+    entry = json.loads((tmp_path / "peak_sgemm.json").read_text())[throughput.machine_key()]
+    assert (entry["gflops"], entry["median_gflops"], entry["size"]) == (321.0, 300.0, 2048)

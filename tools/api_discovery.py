@@ -29,7 +29,7 @@ READING_ORDER = [
     "losses",
     "optim", "optim.optimizer", "optim.sgd", "optim.adam", "optim.schedules",
     "models", "models.mlp", "models.gpt",
-    "parallel", "gradcheck", "summary",
+    "parallel", "gradcheck", "summary", "throughput",
     "exercises", "exercises.catalog", "exercises.skeleton", "exercises.check", "exercises.diagnosis",
     "io", "io.safetensors", "io.weights", "io.checkpoint", "io.interop",
     "data", "data.idx", "data.vision", "data.batches", "data.text", "data.download",

@@ -25,6 +25,7 @@ from mnn.losses import CrossEntropyLoss
 from mnn.models import GPT, CharRNN, GPTConfig
 from mnn.optim import AdamW, WarmupCosine, clip_grad_norm, param_groups
 from mnn.parallel import DataParallel
+from mnn.throughput import speed
 from mnn.train.loop import run
 from mnn.train.reporting import log
 
@@ -253,7 +254,7 @@ class LanguageModelTask:
 
     def evaluation_line(self, step: int, metrics: dict, ms_per_step: float) -> str:
         return (f"step {step} | train {metrics['train']:.4f} | val {metrics['val']:.4f} | "
-                f"lr {self.optimizer.lr:.1e} | {ms_per_step:.1f} ms/step")
+                f"lr {self.optimizer.lr:.1e} | {speed(ms_per_step, self)}")
 
     def row_extras(self, step: int) -> dict:
         return {}

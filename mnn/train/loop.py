@@ -59,6 +59,7 @@ import numpy
 from mnn.distributed import DistributedDataParallel, world
 from mnn.errors import CheckpointError, TrainingError
 from mnn.io.checkpoint import CHECKPOINT_NAME, read_checkpoint, restore, save_checkpoint, weights_finite
+from mnn.throughput import speed
 from mnn.train.reporting import History, StepTimer, log, progress_bar
 
 
@@ -306,7 +307,7 @@ class Run:
                     mean_loss = math.fsum(self.running) / len(self.running)
                     self.running = []
                     log(f"step {step + 1} | loss {mean_loss:.4f} | lr {task.optimizer.lr:.1e} | "
-                        f"{log_timer.read_ms():.1f} ms/step", bar)
+                        f"{speed(log_timer.read_ms(), task)}", bar)  # with GFLOP/s and MFU (mnn.throughput)
                     self.history.add(step=step + 1, **task.row_extras(step + 1), loss=mean_loss, lr=task.optimizer.lr)
                 if interval and (step + 1) % interval == 0:
                     self.save_checkpoint(step + 1, evaluated=False)
