@@ -172,14 +172,28 @@ def _batch_norm(rng, trial: int = 0):
                 (rng.standard_normal((N, C, H, W)),), ("x",), _random_affine)
 
 
-def _lstm(rng, trial: int = 0):
-    """The first case is one step of one layer (the cell alone); the next ones go through time and layers."""
-    T, B, n, H = _sizes(rng, 4, 2, 5)
-    T, layers = (1, 1) if trial == 0 else (T + 1, int(rng.integers(1, 3)))
-    x, h0, c0 = rng.standard_normal((T, B, n)), rng.standard_normal((layers, B, H)), rng.standard_normal((layers, B, H))
-    steps = "one step (the cell alone)" if T == 1 else "through time"
-    return Case(f"LSTM({n}, {H}, num_layers={layers}), {steps}, x {(T, B, n)}, h0 and c0 {(layers, B, H)}",
-                (n, H), {"num_layers": layers, "rng": rng}, (x, h0, c0), ("x", "h0", "c0"))
+def _recurrent(name: str, states: int):
+    def make(rng, trial: int = 0):
+        """The first case is one step of one layer (the cell alone); the next ones go through time and layers."""
+        T, B, n, H = _sizes(rng, 4, 2, 5)
+        T, layers = (1, 1) if trial == 0 else (T + 1, int(rng.integers(1, 3)))
+        state = tuple(rng.standard_normal((layers, B, H)) for _ in range(states))
+        steps = "one step (the cell alone)" if T == 1 else "through time"
+        names = ("h0", "c0")[:states]
+        return Case(f"{name}({n}, {H}, num_layers={layers}), {steps}, x {(T, B, n)}, {' and '.join(names)} "
+                    f"{(layers, B, H)}", (n, H), {"num_layers": layers, "rng": rng},
+                    (rng.standard_normal((T, B, n)), *state), ("x", *names))
+    return make
+
+
+def _pool(rng, trial: int = 0):
+    N, C, H, W = _sizes(rng, 4, 2, 7)
+    return Case(f"x {(N, C, H, W)}", (), {}, (rng.standard_normal((N, C, H, W)),), ("x",))
+
+
+def _positive(rng, trial: int = 0):
+    a, b = _sizes(rng, 2)
+    return Case(f"x {(a, b)} in [0.5, 2]", (), {}, (rng.uniform(0.5, 2.0, (a, b)),), ("x",))
 
 
 def _prelu(rng, trial: int = 0):
@@ -189,6 +203,12 @@ def _prelu(rng, trial: int = 0):
                 lambda layer, rng: layer.params["weight"].__setitem__(..., rng.uniform(0.05, 0.5, C)))
 
 
+def _with_args(case: Case, args: tuple, kwargs: dict, text: str) -> Case:
+    return Case(f"{text}, {case.text}", args, kwargs, case.inputs, case.input_names)
+
+
+_TIME = ("right at time step {right}; wrong at {wrong}", None)
+_GATES = ("right in the rows of gates {right}; wrong in those of {wrong}",)
 L = "mnn.layers."
 EXERCISES: list[Exercise] = [
     Exercise("Linear", L + "linear", 1, "Linear", _linear, "three matrix products; the weight's gradient sums the batch"),
@@ -196,6 +216,10 @@ EXERCISES: list[Exercise] = [
              drop=()),
     Exercise("Sigmoid", L + "activation", 1, "ReLU", _elementwise(), "a derivative written with the output"),
     Exercise("Tanh", L + "activation", 1, "ReLU", _elementwise(), "a derivative written with the output"),
+    Exercise("LeakyReLU", L + "activation", 1, "ReLU", _elementwise(margin=True), "a fixed slope below zero"),
+    Exercise("ELU", L + "activation", 1, "ReLU", _elementwise(margin=True), "a derivative from the output"),
+    Exercise("SiLU", L + "activation", 1, "ReLU", _elementwise(), "the product rule"),
+    Exercise("Log", L + "activation", 1, "ReLU", _positive, "the simplest diagonal Jacobian"),
     Exercise("PReLU", L + "prelu", 1, "ReLU", _prelu, "a learnable slope per channel (the guide's layer)"),
     Exercise("MSELoss", "mnn.losses", 1, "Mean squared error", _mse, "the loss owns the mean", kind="loss"),
     Exercise("NLLLoss", "mnn.losses", 1, "Negative log-likelihood", _class_loss(True), "a scatter of -1/N",
@@ -205,15 +229,23 @@ EXERCISES: list[Exercise] = [
     Exercise("Softmax", L + "softmax", 2, "Softmax and LogSoftmax", _rows, "a full Jacobian, never built"),
     Exercise("LogSoftmax", L + "softmax", 2, "Softmax and LogSoftmax", _rows, "identity minus a rank-one term"),
     Exercise("MatrixProduct", L + "matmul", 2, "MatrixProduct", _matrix_product, "two inputs, two gradients"),
-    Exercise("Embedding", L + "embedding", 2, "The GPT", _embedding, "a scatter-add of rows"),
     Exercise("Conv2d", L + "conv", 3, "Convolution", _conv, "im2col's transpose: col2im adds back"),
     Exercise("MaxPool2d", L + "pooling", 2, "Pooling", _max_pool, "route the gradient to the maximum"),
+    Exercise("AvgPool2d", L + "pooling", 2, "Pooling", lambda rng, trial=0: _with_args(_pool(rng), (3,),
+             {"stride": 2, "padding": 1}, "AvgPool2d(3, stride=2, padding=1)"), "share the gradient out evenly"),
+    Exercise("AdaptiveAvgPool2d", L + "pooling", 2, "Pooling", lambda rng, trial=0: _with_args(
+             _pool(rng), (2,), {}, "AdaptiveAvgPool2d(2)"), "bins of uneven sizes"),
     Exercise("BatchNorm2d", L + "batchnorm", 3, "Batch normalisation", _batch_norm,
              "the gradient through the batch statistics"),
-    Exercise("LSTM", L + "lstm", 3, "Recurrence", _lstm, "four gates, then backpropagation through time",
+    Exercise("RNN", L + "rnn", 2, "Recurrence", _recurrent("RNN", 1), "one tanh step, then through time",
+             kind="recurrent", write=("_backward_direction",), extra={"locate": {"dx": _TIME}}),
+    Exercise("LSTM", L + "lstm", 3, "Recurrence", _recurrent("LSTM", 2), "four gates, then backpropagation through "
+             "time", kind="recurrent", write=("_backward_direction",),
+             extra={"locate": {"dx": _TIME, "grads": (_GATES[0], "ifgo")}}),
+    Exercise("GRU", L + "gru", 3, "Recurrence", _recurrent("GRU", 1), "a reset gate inside the candidate",
              kind="recurrent", write=("_backward_direction",),
-             extra={"locate": {"dx": ("right at time step {right}; wrong at {wrong}", None),
-                               "grads": ("right in the rows of gates {right}; wrong in those of {wrong}", "ifgo")}}),
+             extra={"locate": {"dx": _TIME, "grads": (_GATES[0], "rzn")}}),
+    Exercise("Embedding", L + "embedding", 2, "The char-rnn", _embedding, "a scatter-add of rows"),
     Exercise("MultiHeadAttention", L + "attention", 3, "Attention", _attention,
              "the backward of a composite layer, through its sub-layers"),
     Exercise("LayerNorm", L + "normalization", 3, "LayerNorm", _layer_norm, "a Jacobian that couples the row",
