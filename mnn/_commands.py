@@ -1,4 +1,4 @@
-"""The ``mnn`` commands that read a saved model: ``eval``, ``sample``, ``export``, ``import``, ``summary`` (see :mod:`mnn.cli`).
+"""The ``mnn`` commands that read a saved model: ``eval``, ``sample``, ``export``, ``import``, ``summary`` (mnn.cli).
 
 A model is a weights file, a checkpoint, or a run folder (its weights file, or its checkpoint when there
 is none). What goes to stdout is the result alone (the sample's text, the metric); notes go to stderr.

@@ -18,10 +18,13 @@ zeros of the given shape, in training mode, and for every layer it records
   base array alive; two layers caching the same array are charged once, the
   first).
 
-A training step's memory is then about the weights, their gradients, the
-optimizer's state (AdamW: two moments per parameter) and the caches:
-:attr:`Summary.training_bytes`. ``tests/test_summary.py`` compares it with
-the peak that ``tracemalloc`` measures over a training step.
+A training step holds the weights, their gradients, the optimizer's state
+(AdamW: two moments per parameter) and the caches
+(:attr:`Summary.training_bytes`), and at its peak, while backward runs, the
+gradients and temporaries of one layer on top of the caches not yet
+released (:attr:`Summary.peak_bytes`). ``tests/test_summary.py`` compares
+the peak with what ``tracemalloc`` measures over a real training step
+(numpy reports its arrays to it).
 """
 
 from __future__ import annotations
@@ -108,7 +111,8 @@ class Summary:
         return static + max([self.cached_bytes, *working])
 
     def as_dict(self) -> dict:
-        """The JSON form: totals at the top (``parameters``, ``forward_flops``, ``backward_flops``, ``cached_bytes``, ...), then ``layers``."""
+        """The JSON form: the totals at the top (``parameters``, ``forward_flops``, ``backward_flops``,
+        ``cached_bytes``, the memory terms), then ``layers``, one object per row."""
         return {"model": self.model, "batch_shape": list(self.batch_shape), "dtype": self.dtype,
                 "parameters": self.parameters, "forward_flops": self.forward_flops,
                 "backward_flops": self.backward_flops, "cached_bytes": self.cached_bytes,
@@ -123,8 +127,8 @@ class Summary:
     def table(self) -> str:
         """A readable table (like torchinfo's): one line per layer, then the totals."""
         header = ("Layer (type)", "Output shape", "Param #", "Forward FLOPs", "Backward FLOPs", "Cache")
-        lines = [(f"{row.name or '(model)'} ({row.kind})", str(tuple(row.output_shape)) if row.output_shape else "-", f"{row.parameters:,}",
-                  f"{row.forward_flops:,}", f"{row.backward_flops:,}",
+        lines = [(f"{row.name or '(model)'} ({row.kind})", str(tuple(row.output_shape)) if row.output_shape else "-",
+                  f"{row.parameters:,}", f"{row.forward_flops:,}", f"{row.backward_flops:,}",
                   readable_bytes(row.cached_bytes) + (f"  {row.note}" if row.note else "")) for row in self.rows]
         widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
 
@@ -139,8 +143,8 @@ class Summary:
                 f"Forward: {self.forward_flops:,} FLOPs ({self.forward_flops / 1e9:.3f} GFLOP), matrix products",
                 f"Backward: {self.backward_flops:,} FLOPs ({self.backward_flops / 1e9:.3f} GFLOP), matrix products",
                 f"Cached for backward: {readable_bytes(self.cached_bytes)}",
-                f"Weights + gradients + AdamW's state + batch + caches: {readable_bytes(self.training_bytes)}; "
-                f"a training step's peak, estimated: {readable_bytes(self.peak_bytes)}", rule]
+                (f"Weights + gradients + AdamW's state + batch + caches: {readable_bytes(self.training_bytes)}; "
+                 f"a training step's peak, estimated: {readable_bytes(self.peak_bytes)}"), rule]
         return "\n".join(out)
 
     def __str__(self) -> str:
