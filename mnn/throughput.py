@@ -132,15 +132,17 @@ def task_step_flops(task) -> int:
 
     A step runs ``grad_accum`` micro-batches of ``batch_size`` rows (per rank
     under MPI): windows of ``block_size`` ids for a language model, images of
-    the training set's shape for a classifier.
+    the training set's shape for a classifier. The count is taken on one row
+    and multiplied (every layer's count is linear in the batch), so the
+    first log line costs one forward of one row, not of a whole batch.
     """
     if task not in _step_flops:
         from mnn.summary import summary  # noqa: PLC0415
 
         config = task.config
         row = (config.block_size,) if hasattr(config, "block_size") else tuple(task.x_train.shape[1:])
-        micro = summary(task.model, (config.batch_size, *row)).step_flops
-        _step_flops[task] = micro * int(getattr(config, "grad_accum", 1))
+        per_row = summary(task.model, (1, *row)).step_flops  # every layer's count is linear in the batch
+        _step_flops[task] = per_row * config.batch_size * int(getattr(config, "grad_accum", 1))
     return _step_flops[task]
 
 
