@@ -166,10 +166,11 @@ GPT_OPTIONS = [
     ("--seed", non_negative_int, "seed of the initial weights, batches and dropout"),
     ("--replicas", positive_int, "slices of each batch trained at once, one thread each (see mnn.parallel)"),
     ("--grad-accum", positive_int, "micro-batches added up into each iteration (per rank under mpiexec)"),
+    ("--dtype", ["float32", "bf16", "fp16"], "precision of the matrix products, float32 weights (see mnn.precision)"),
 ]
 
 
-CHAR_RNN_OPTIONS = [row for row in GPT_OPTIONS if row[0] not in ("--n-layer", "--n-head", "--n-embd")] + [
+CHAR_RNN_OPTIONS = [row for row in GPT_OPTIONS if row[0] not in ("--n-layer", "--n-head", "--n-embd", "--dtype")] + [
     ("--cell", ["lstm", "gru", "rnn"], "the recurrent layer"),
     ("--n-embd", positive_int, "character embedding width"),
     ("--hidden-size", positive_int, "width of each recurrent layer"),

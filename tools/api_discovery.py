@@ -34,7 +34,7 @@ READING_ORDER = [
     "io", "io.safetensors", "io.weights", "io.checkpoint", "io.interop",
     "data", "data.idx", "data.vision", "data.batches", "data.text", "data.download",
     "train", "train.loop", "train.classifier", "train.language_model", "train.reporting",
-    "backend", "strict", "cuda_kernels", "errors",
+    "backend", "strict", "cuda_kernels", "precision", "errors",
 ]
 # Not documented: the command line (its ``--help`` is its reference) and the
 # optional compiled loops (each layer's page cites the equations they compute).

@@ -13,9 +13,9 @@ Its stages, each in its own process with its own time limit, write into
 3. ``steps.json``: training steps (forward, backward, clipping, AdamW) of the
    GPT of the CPU recipe (4 layers, 128 wide, T 64, batch 12) and of the GPU
    recipe's size (6 layers, 384 wide, T 256, batch 64), mnn on CuPy against
-   PyTorch eager, float32 and bf16 (PyTorch under ``torch.autocast``; mnn's
-   bf16 when :mod:`mnn.precision` exists), from the same initial weights:
-   ms per step (median) and the first losses of both;
+   PyTorch eager, float32 and bf16 (PyTorch under ``torch.autocast``, mnn
+   with :mod:`mnn.precision`), from the same initial weights: ms per step
+   (median) and the first losses of both;
 4. ``recipe.json``: ``mnn train gpt --preset shakespeare-char`` for the time
    left (interrupted with SIGINT, which saves a checkpoint), its val curve.
 

@@ -6,6 +6,7 @@ import math
 
 import numpy
 
+from mnn import precision
 from mnn.backend import default_dtype, xp
 from mnn.module import Module, check_input, check_output_grad
 
@@ -88,6 +89,8 @@ class Linear(Module):
 
     def forward(self, x):
         check_input(self, x, last_dim=self.in_features)
+        if precision.active():
+            return self._forward_low(x)
         self.cache = x
         y = x @ self.params["weight"].T  # Eq. (1)
         if "bias" in self.params:
@@ -97,6 +100,8 @@ class Linear(Module):
     def backward(self, dy):
         x = self.pop_cache()
         check_output_grad(self, dy, x.shape[:-1] + (self.out_features,))
+        if precision.active():
+            return self._backward_low(x, dy)
         x2 = x.reshape(-1, self.in_features)
         dy2 = dy.reshape(-1, self.out_features)
         self.grads["weight"] += dy2.T @ x2  # Eq. (3)
@@ -105,6 +110,29 @@ class Linear(Module):
         if not self.input_grad:
             return None
         return dy @ self.params["weight"]  # Eq. (2)
+
+    def _forward_low(self, x):
+        """Eq. (1) in bf16/fp16 (:mod:`mnn.precision`): rounded operands, float32 sums, the output rounded; the
+        input kept for backward in the low format (half the bytes)."""
+        stored = precision.store(x)
+        self.cache = stored
+        y = precision.load(stored) @ precision.rounded(self.params["weight"]).T  # Eq. (1)
+        if "bias" in self.params:
+            y += precision.rounded(self.params["bias"])  # Eq. (1)
+        return precision.rounded(y)
+
+    def _backward_low(self, stored, dy):
+        """Eqs. (2)-(4) in bf16/fp16: the upstream gradient rounded as autocast's, each product's output rounded,
+        then added into the float32 gradients."""
+        x2 = precision.load(stored).reshape(-1, self.in_features)
+        dy = precision.rounded(dy)
+        dy2 = dy.reshape(-1, self.out_features)
+        self.grads["weight"] += precision.rounded(dy2.T @ x2)  # Eq. (3)
+        if "bias" in self.params:
+            self.grads["bias"] += precision.rounded(dy2.sum(axis=0))  # Eq. (4)
+        if not self.input_grad:
+            return None
+        return precision.rounded(dy @ precision.rounded(self.params["weight"]))  # Eq. (2)
 
     def flops(self, x_shape) -> tuple[int, int]:
         """``(2Nnm, 4Nnm)`` (backward ``2Nnm`` without ``input_grad``): Eqs. (1), (2)-(3), for ``x (..., n)``."""

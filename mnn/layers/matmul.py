@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from mnn import precision
 from mnn.backend import xp
 from mnn.errors import ShapeError
 from mnn.module import Module, check_output_grad
@@ -79,12 +80,21 @@ class MatrixProduct(Module):
         if q.ndim < 2 or p.ndim < 2 or q.shape[:-2] != p.shape[:-2] or q.shape[-1] != p.shape[-2]:
             raise ShapeError(f"{self!r}: cannot multiply Q {tuple(q.shape)} by P {tuple(p.shape)}: "
                              "expected (..., n, k) and (..., k, m) with the same leading dims")
+        if precision.active():  # bf16/fp16: both inputs kept in the low format (mnn.precision)
+            q, p = precision.store(q), precision.store(p)
+            self.cache = (q, p)
+            return precision.matmul(q, p, out=out)  # Eq. (1)
         self.cache = (q, p)
         return xp.matmul(q, p, out=out)  # Eq. (1)
 
     def backward(self, dd):
         q, p = self.pop_cache()
         check_output_grad(self, dd, q.shape[:-1] + p.shape[-1:])
+        if precision.active():  # bf16/fp16: the upstream gradient and each product's output rounded
+            dd = precision.rounded(dd)
+            q, p = precision.load(q), precision.load(p)
+            return (precision.rounded(dd @ xp.swapaxes(p, -1, -2)),  # Eq. (2)
+                    precision.rounded(xp.swapaxes(q, -1, -2) @ dd))  # Eq. (3)
         dq = dd @ xp.swapaxes(p, -1, -2)  # Eq. (2)
         dp = xp.swapaxes(q, -1, -2) @ dd  # Eq. (3)
         return dq, dp

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import numpy
 
+from mnn import precision
 from mnn.backend import asarray, xp
 from mnn.data import (
     CharTokenizer,
@@ -56,6 +57,7 @@ class LanguageModelTrainConfig:
     skip_nonfinite: bool = False  # skip a step whose loss or gradient norm is NaN/inf instead of stopping
     replicas: int = 2  # slices of each batch run at once in threads (mnn.parallel); 1 on a GPU
     grad_accum: int = 1  # micro-steps whose gradients add up to one step (nanoGPT's gradient_accumulation_steps)
+    dtype: str = "float32"  # the matrix products' precision: float32, bf16 or fp16 (mnn.precision; weights stay float32)
 
 
 @dataclass
@@ -160,6 +162,8 @@ def check_config(config) -> None:
         raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
     if not isinstance(config.replicas, int) or isinstance(config.replicas, bool) or config.replicas < 1:
         raise ValueError(f"replicas must be a positive integer, got {config.replicas!r}")
+    if config.dtype not in precision.NAMES:
+        raise ValueError(f"dtype must be one of {', '.join(precision.NAMES)}, got {config.dtype!r}")
 
 
 def build_language_model(config, vocab_size: int):
@@ -207,7 +211,13 @@ class LanguageModelTask:
         self.batch_rng = numpy.random.default_rng([config.seed, 1])
         self.eval_rng = numpy.random.default_rng([config.seed, 2])
         on_cpu = xp.__name__ == "numpy"  # threads share one GPU to no gain: one replica there
-        self.parallel = DataParallel(self.model, CrossEntropyLoss(), config.replicas if on_cpu else 1)
+        precision.set_compute_dtype(config.dtype)  # until finish(): the products of this run
+        # fp16: dynamic loss scaling (skip the step and halve the scale on an overflow), as torch's GradScaler
+        self.scaler = precision.GradScaler() if config.dtype == "fp16" else None
+        loss_fn = CrossEntropyLoss() if self.scaler is None else precision.ScaledLoss(CrossEntropyLoss(), self.scaler)
+        if self.scaler is not None:
+            self.scaler.guard(self.optimizer)
+        self.parallel = DataParallel(self.model, loss_fn, config.replicas if on_cpu else 1)
         self.generators = {"batch": self.batch_rng, "eval": self.eval_rng, **model_generators(self.model),
                            **self.parallel.generators()}
         self.grads = [grad for _, grad in self.model.named_grads()]  # the same arrays every step
@@ -235,7 +245,12 @@ class LanguageModelTask:
         return self.parallel.forward_backward(asarray(x), asarray(y), 1.0 / self.config.grad_accum)
 
     def gradient_norm(self) -> float:
-        return clip_grad_norm(self.grads, self.config.grad_clip)
+        if self.scaler is None:
+            return clip_grad_norm(self.grads, self.config.grad_clip)
+        self.scaler.unscale(self.grads)
+        norm = clip_grad_norm(self.grads, self.config.grad_clip)
+        self.scaler.update(math.isfinite(norm))  # an overflow: the optimizer skips this step, the scale halves
+        return norm if math.isfinite(norm) else 0.0  # a skipped fp16 step is not an error
 
     def discard_step(self) -> None:
         pass
@@ -265,12 +280,15 @@ class LanguageModelTask:
             save_model(self.weights_path, self.model, vocab=self.tokenizer.vocab, step=str(step))
 
     def state(self, step: int) -> dict:
-        return {"last": self.last, "best_val": finite_or_none(self.best_val), "best_step": self.best_step}
+        scaler = {} if self.scaler is None else {"scaler": self.scaler.state()}
+        return {"last": self.last, "best_val": finite_or_none(self.best_val), "best_step": self.best_step, **scaler}
 
     def load_state(self, state: dict, step: int) -> None:
         self.last = state["last"]
         self.best_val = math.inf if state["best_val"] is None else state["best_val"]
         self.best_step = state.get("best_step")
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state(state["scaler"])
 
     def check_resume(self, metadata: dict, path) -> None:
         if metadata.get("vocab") != self.tokenizer.vocab:
@@ -288,6 +306,7 @@ class LanguageModelTask:
 
     def finish(self, stopped: bool) -> None:
         self.parallel.close()
+        precision.set_compute_dtype("float32")
         if stopped:
             checkpoint = self.weights_path.with_name("checkpoint.safetensors")
             log(f"sample the latest weights with: mnn sample {checkpoint}")
