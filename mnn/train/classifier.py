@@ -154,8 +154,8 @@ def shift_and_flip(images, background: float, rng: numpy.random.Generator, shift
     columns = numpy.arange(W)
     columns = numpy.where(flip[:, None], columns[::-1], columns) + dx[:, None]  # (B, W)
     rows = numpy.arange(H)[None, :] + dy[:, None]  # (B, H)
-    batch = numpy.arange(B)[:, None, None, None]
-    channel = numpy.arange(C)[None, :, None, None]
+    batch = xp.arange(B)[:, None, None, None]
+    channel = xp.arange(C)[None, :, None, None]
     return padded[batch, channel, xp.asarray(rows[:, None, :, None]), xp.asarray(columns[:, None, None, :])]
 
 
