@@ -242,3 +242,59 @@ def test_the_time_loops_block_product_equals_one_product(batch, k, n):
     assert len(product.blocks) == 1 or max(widths) * batch * k <= SMALL_PRODUCT
     out = np.empty((batch, n))
     np.testing.assert_allclose(product(x, out), x @ w, rtol=1e-12, atol=1e-12)
+
+
+# -- the LSTM's compiled time loops (mnn.layers.lstm_compiled) --------------------------------
+def test_compiled_tanh_is_within_a_few_ulp_of_the_exact_one():
+    from mnn.layers import lstm_compiled
+
+    probe = np.zeros(1, np.float32)
+    if not lstm_compiled.can_run(probe):
+        pytest.skip("numba or OpenBLAS's ILP64 sgemm missing: the numpy loops run")
+    positive = np.concatenate([
+        np.linspace(0, 12, 1_000_001, dtype=np.float32),
+        np.logspace(-30, 1.2, 100_001, dtype=np.float32),
+        # one float32 in 7 between 1e-3 and 10: every exponent, mantissas spread
+        np.arange(np.float32(1e-3).view(np.int32), np.float32(10).view(np.int32), 7, dtype=np.int32).view(np.float32),
+        np.array([1e-45, 1e-38, 9.4999, 9.5, 9.5001, 20, 3.4e38, np.inf], np.float32)])
+    x = np.concatenate([positive, -positive])
+    got = lstm_compiled.tanh_float32(x)
+    assert got.dtype == np.float32
+    exact = np.tanh(x.astype(np.float64))
+    ulp = np.spacing(np.abs(exact.astype(np.float32))).astype(np.float64)
+    errors = np.abs(got - exact) / ulp
+    assert errors.max() <= 2.5, (errors.max(), x[np.argmax(errors)])  # numpy's float32 tanh: 1.4 here
+    np.testing.assert_array_equal(got[:len(positive)], -got[len(positive):])  # odd
+    assert np.isnan(lstm_compiled.tanh_float32(np.array([np.nan], np.float32))).all()
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("hidden, batch", [(5, 3), (16, 3), (64, 3), (64, 12)])
+def test_compiled_lstm_loops_equal_the_numpy_loops(hidden, batch, bidirectional):
+    """The compiled loops against the reference, float32: BLAS blocks of 32 columns (H 64 and W_hh^T's 4H for
+    16 at batch 3), of 64 (batch 12), one block (5, and W_hh's H columns for 16), states and gradients
+    entering through the final state."""
+    from mnn import jit
+    from mnn.layers import lstm_compiled
+
+    if not lstm_compiled.can_run(np.zeros(1, np.float32)):
+        pytest.skip("numba or OpenBLAS's ILP64 sgemm missing: the numpy loops run")
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((9, batch, 7)).astype(np.float32)
+    D = 2 if bidirectional else 1
+    state0 = tuple(rng.standard_normal((2 * D, batch, hidden)).astype(np.float32) for _ in range(2))
+    doutput = rng.standard_normal((9, batch, D * hidden)).astype(np.float32)
+    dfinal = tuple(rng.standard_normal((2 * D, batch, hidden)).astype(np.float32) for _ in range(2))
+    results = []
+    for compiled in (True, False):
+        previous = jit.set_enabled(compiled)
+        try:
+            lstm = LSTM(7, hidden, 2, bidirectional=bidirectional, rng=np.random.default_rng(12))
+            output, final = lstm.forward(x, state0)
+            dx, dstate0 = lstm.backward(doutput, dfinal)
+        finally:
+            jit.set_enabled(previous)
+        results.append([output, *final, dx, *dstate0, *(lstm.grads[k] for k in sorted(lstm.grads))])
+    for mine, reference in zip(*results):
+        assert mine.dtype == np.float32
+        assert rel(mine, reference) <= 2e-6

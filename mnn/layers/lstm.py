@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mnn import jit
 from mnn.backend import xp
+from mnn.layers import lstm_compiled
 from mnn.layers.rnn import RecurrentBase, StepProduct, accumulate_weight_grads, project_inputs
 
 
@@ -93,7 +94,9 @@ class LSTM(RecurrentBase):
     \frac{\partial L}{\partial X} = G\, W_{ih} \tag{10}
     $$
 
-    ($H_{-1}$ stacks $h_0, \dots, h_{T-1}$). With numba (:mod:`mnn.jit`), (5)-(8)
+    ($H_{-1}$ stacks $h_0, \dots, h_{T-1}$). In float32 with numba and OpenBLAS,
+    each time loop, (1)-(4) and (5)-(9), is one compiled call that releases the GIL
+    (:mod:`mnn.layers.lstm_compiled`); otherwise, with numba (:mod:`mnn.jit`), (5)-(8)
     are one compiled pass per step, and (2)-(3) after the ``tanh`` another.
 
     Args:
@@ -130,6 +133,9 @@ class LSTM(RecurrentBase):
         h[0], c[0] = state0
         bias = None if b_ih is None else self._half_sigmoid_rows(b_ih + b_hh)
         gates = project_inputs(x, self._half_sigmoid_rows(w_ih), bias)  # Eq. (1), halved, all steps: (T, B, 4H)
+        if lstm_compiled.can_run(gates, h, c, tanh_c):  # the loop below as one compiled call, without the GIL
+            lstm_compiled.forward_loop(gates, self._half_sigmoid_rows(w_hh).T, h, c, tanh_c)  # Eqs. (1)-(4)
+            return h[1:], [h[T], c[T]], (x, gates, c, tanh_c, h)
         recurrent_product = StepProduct(self._half_sigmoid_rows(w_hh).T, B)  # contiguous column blocks
         recurrent = xp.empty((B, 4 * H), dtype=x.dtype)
         compiled = jit.usable(gates, c)
@@ -157,6 +163,11 @@ class LSTM(RecurrentBase):
         w_hh = weights[1]
         dgates = xp.empty_like(gates)  # dL/da_t for every step, (T, B, 4H)
         dh, dc = dstateT[0].copy(), dstateT[1].copy()  # gradients reaching h_t, c_t from later steps
+        if lstm_compiled.can_run(dgates, gates, tanh_c, c, doutput, dh, dc, *grads[:2]):  # the loop below, compiled
+            lstm_compiled.backward_loop(gates, c, tanh_c, doutput, dh, dc, dgates, w_hh,
+                                        x, h[:T], *grads[:2])  # Eqs. (5)-(9), (10) for W_ih, W_hh
+            dx = accumulate_weight_grads(dgates, x, dgates, h[:T], weights, [None, None, *grads[2:]])  # Eq. (10)
+            return dx, [dh, dc]
         compiled = jit.usable(dgates, gates, tanh_c, c, doutput, dh, dc)
         carry = StepProduct(w_hh, dh.shape[0])  # contiguous column blocks of W_hh
         for t in reversed(range(T)):
