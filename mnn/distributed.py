@@ -251,10 +251,10 @@ def fit_replicas(config, given: bool, group: World) -> None:
                        f"{max(1, cores // group.local_size)} or leave it out (ranks already use every core)")
 
 
-def shard(rows: int, index: int, block: int) -> slice:
-    """The ``index``-th run of ``block`` rows of a batch of ``rows`` rows (shorter or empty at the end)."""
-    start = min(rows, index * block)
-    return slice(start, min(rows, start + block))
+def shard(rows: int, index: int, parts: int) -> slice:
+    """The ``index``-th of ``parts`` near-equal runs of a batch of ``rows`` rows (as :class:`~mnn.parallel.DataParallel` cuts)."""
+    bounds = numpy.linspace(0, rows, parts + 1).round().astype(int)
+    return slice(int(bounds[index]), int(bounds[index + 1]))
 
 
 class DistributedDataParallel:

@@ -7,6 +7,7 @@ the classifier's shards, gradient accumulation, and a rank that fails.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -59,7 +60,7 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 
 
 def loss_lines(text: str) -> list:
-    return [line.rsplit(" | ", 1)[0] for line in text.splitlines() if "| loss " in line]  # without the timing
+    return re.findall(r"step \d+ \| loss [0-9.]+ \| lr [0-9.e+-]+", text)  # without the timings
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,7 @@ def test_two_ranks_train_a_gpt_as_one_process_on_twice_the_batch(text_file, tmp_
     single = capsys.readouterr().out
     done = mnn_train(2, "gpt", "--data", text_file, *GPT, "--batch-size", "4", "--out", two)
     assert "global batch 8 = 4 per rank x 2 ranks x 1 micro-steps (64 tokens per iteration)" in done.stdout
+    assert len(loss_lines(single)) == 6
     assert loss_lines(done.stdout) == loss_lines(single)  # the logged loss is the mean over the ranks
     assert done.stdout.count("step 6 | loss") == 1  # rank 0 alone logs
     assert_bitwise_equal(tensors(one), tensors(two))
@@ -107,7 +109,7 @@ def test_two_rank_resume_is_exact_and_another_rank_count_is_refused(text_file, t
 
 def test_two_ranks_train_an_mlp_as_one_process_on_twice_the_batch(tmp_path):
     """Not bitwise: one process multiplies 2B rows in one product, two ranks B rows each; SGD keeps it close.
-    600 images in global batches of 32: the last, of 24, is 16 rows on rank 0 and 8 on rank 1 (weighted)."""
+    600 images in global batches of 32: the last, of 24, is cut 12 and 12."""
     data = tmp_path / "mnist"
     write_fake_mnist(data)
     common = ["--dataset", "mnist", "--data-dir", str(data), "--optimizer", "sgd", "--lr", "0.05",
@@ -118,6 +120,18 @@ def test_two_ranks_train_an_mlp_as_one_process_on_twice_the_batch(tmp_path):
     for key in one:
         np.testing.assert_allclose(two[key], one[key], rtol=1e-4, atol=1e-6, err_msg=key)
     assert read_checkpoint(tmp_path / "two" / CHECKPOINT_NAME)[1]["step"] == 2 * 19
+
+
+def test_two_ranks_train_a_cnn_as_one_process_in_two_replicas(tmp_path):
+    """Bitwise, BatchNorm's running statistics included: rank 0's buffers are broadcast before every step, as
+    DataParallel copies replica 0's; 120 images in global batches of 32, the last (24) cut 12 and 12."""
+    data = tmp_path / "mnist"
+    write_fake_mnist(data, train=120, test=20)
+    common = ["--dataset", "mnist", "--data-dir", str(data), "--channels", "2", "4", "--hidden", "8"]
+    assert main(["train", "cnn", *common, "--batch-size", "32", "--out", str(tmp_path / "one")]) == 0
+    mnn_train(2, "cnn", *common, "--batch-size", "16", "--out", tmp_path / "two")
+    assert_bitwise_equal(tensors(tmp_path / "one"), tensors(tmp_path / "two"))
+    assert "1.running_mean" in tensors(tmp_path / "two")
 
 
 def fake_world(rank: int, size: int) -> World:
@@ -149,9 +163,10 @@ def test_classifier_shards_are_disjoint_cover_each_epoch_and_change_with_it(tmp_
         first, second = seen[(0, epoch)], seen[(1, epoch)]
         assert not set(first) & set(second)
         assert sorted(first + second) == list(range(100))
-        assert len(first) == 16 * 3 + 4 and len(second) == 16 * 3  # the last global batch: 4 rows, all rank 0's
+        assert len(first) == len(second) == 16 * 3 + 2  # the last global batch, of 4 rows, cut in two
     assert seen[(0, 1)] != seen[(0, 2)]
-    assert [shard(36, i, 16) for i in range(3)] == [slice(0, 16), slice(16, 32), slice(32, 36)]
+    assert [shard(32, i, 2) for i in range(2)] == [slice(0, 16), slice(16, 32)]
+    assert [shard(5, i, 4) for i in range(4)] == [slice(0, 1), slice(1, 2), slice(2, 4), slice(4, 5)]
 
 
 def test_grad_accum_equals_one_step_on_the_larger_batch(text_file, tmp_path):

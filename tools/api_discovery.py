@@ -30,7 +30,7 @@ READING_ORDER = [
     "losses",
     "optim", "optim.optimizer", "optim.sgd", "optim.adam", "optim.schedules",
     "models", "models.mlp", "models.gpt",
-    "parallel", "gradcheck", "summary", "throughput",
+    "parallel", "distributed", "gradcheck", "summary", "throughput",
     "exercises", "exercises.catalog", "exercises.skeleton", "exercises.check", "exercises.diagnosis",
     "io", "io.safetensors", "io.weights", "io.checkpoint", "io.interop",
     "data", "data.idx", "data.vision", "data.batches", "data.text", "data.download",

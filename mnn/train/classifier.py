@@ -165,10 +165,11 @@ class ClassifierTask:
     One step is one mini-batch; an epoch is one shuffled pass over the
     training images (the order drawn from ``[seed, epoch]``, so a resumed run
     draws the same batches). With ``grad_accum`` $A$ and $N$ ranks, a step's
-    global batch of $A N B$ images is cut into $A$ micro-batches, each into
-    $N$ runs of ``batch_size`` $B$, one per rank: the ranks' shards are
-    disjoint and cover the epoch, in a new order every epoch, and the step
-    equals one step of one process on the global batch. The model is evaluated on the test split after
+    global batch of $A N B$ images is cut into $A N$ runs of ``batch_size``
+    $B$ (the epoch's last, shorter one into near-equal runs), run $m N + r$
+    going to rank $r$ in micro-step $m$: the ranks' shards are disjoint and
+    cover the epoch, in a new order every epoch, and the step equals one step
+    of one process on the global batch. The model is evaluated on the test split after
     every epoch, and its weights are saved in ``model.safetensors`` at the end
     (also when a signal stops the run).
     """
@@ -249,10 +250,10 @@ class ClassifierTask:
         x, y = self._step_rows
         weight, ranks = 1.0, self.world.size
         if ranks > 1 or self.config.grad_accum > 1:
-            mine = shard(len(x), micro * ranks + self.world.rank, self.config.batch_size)
+            mine = shard(len(x), micro * ranks + self.world.rank, ranks * self.config.grad_accum)
             weight = ranks * (mine.stop - mine.start) / len(x)
             x, y = x[mine], y[mine]
-            if len(x) == 0:  # the epoch's last global batch may not reach this rank
+            if len(x) == 0:  # an epoch's last global batch, if smaller than the number of shards
                 return 0.0
         if "augment" in self.generators:
             x = shift_and_flip(x, self.background, self.augment_rng)
