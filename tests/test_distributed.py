@@ -8,6 +8,8 @@ the classifier's shards, gradient accumulation, and a rank that fails.
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -229,3 +231,65 @@ def test_a_failing_rank_ends_the_job_and_keeps_the_last_checkpoint(text_file, tm
         assert errors == ["mnn: error: rank 1: injected failure"], done.stderr
     tensors_, metadata = read_checkpoint(out / CHECKPOINT_NAME)  # intact: the checksum and every tensor read
     assert metadata["step"] == 4 and tensors_
+
+
+RSH_AGENT = """#!/bin/sh
+# Open MPI's rsh agent here: run "HOST command..." in the network namespace of HOST, under a host name of its own.
+host="$1"; shift
+case "$host" in
+{cases}
+  *) echo "unknown host $host" >&2; exit 1 ;;
+esac
+exec ip netns exec "$ns" unshare --uts /bin/sh -c "hostname $ns; $*"
+"""
+
+
+@pytest.fixture
+def two_hosts(tmp_path):
+    """Two network namespaces joined by a veth pair, each a "machine" with its own address and host name."""
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("unshare"):
+        pytest.skip("needs root, ip (iproute2) and unshare for network namespaces")
+    subnet = f"10.{77 + os.getpid() % 100}.{os.getpid() % 250}"
+    names = [f"mnn{os.getpid()}{side}" for side in "ab"]
+    hosts = [f"{subnet}.1", f"{subnet}.2"]
+    commands = [["ip", "netns", "add", names[0]], ["ip", "netns", "add", names[1]],
+                ["ip", "link", "add", f"v{os.getpid()}a", "type", "veth", "peer", "name", f"v{os.getpid()}b"]]
+    for name, host, side in zip(names, hosts, "ab"):
+        link = f"v{os.getpid()}{side}"
+        commands += [["ip", "link", "set", link, "netns", name],
+                     ["ip", "-n", name, "addr", "add", f"{host}/24", "dev", link],
+                     ["ip", "-n", name, "link", "set", link, "up"], ["ip", "-n", name, "link", "set", "lo", "up"]]
+    try:
+        for command in commands:
+            if subprocess.run(command, capture_output=True).returncode:
+                pytest.skip(f"this machine does not allow {' '.join(command)}")
+        agent = tmp_path / "rsh.sh"
+        agent.write_text(RSH_AGENT.format(cases="\n".join(f"  {h}) ns={n} ;;" for h, n in zip(hosts, names))))
+        agent.chmod(0o755)
+        yield names, hosts, subnet, agent
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def test_two_ranks_on_two_hosts_over_tcp_train_as_one_process(text_file, tmp_path, two_hosts):
+    """Two "machines" (network namespaces, a veth pair, Open MPI over TCP only): the GPT run is bitwise the one
+    process at twice the batch, as on one machine."""
+    names, hosts, subnet, agent = two_hosts
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", "gpt", "--data", str(text_file), *GPT, "--batch-size", "8", "--replicas", "2",
+                 "--out", str(one)]) == 0
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OPENBLAS_NUM_THREADS": "1", "PATH": f"{MPIEXEC.parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+    mpiexec_ = [str(MPIEXEC), "--host", f"{hosts[0]}:1,{hosts[1]}:1", "-n", "2", "--mca", "plm_rsh_agent", str(agent),
+                "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", f"{subnet}.0/24",
+                "--mca", "oob_tcp_if_include", f"{subnet}.0/24", "-x", "PYTHONPATH", "-x", "PATH",
+                "-x", "OPENBLAS_NUM_THREADS", sys.executable, "-m", "mnn.cli", "train", "gpt", "--data", str(text_file),
+                *GPT, "--batch-size", "4", "--out", str(two)]
+    launcher = ["ip", "netns", "exec", names[0], "unshare", "--uts", "/bin/sh", "-c",
+                f"hostname {names[0]}; exec " + " ".join(shlex.quote(part) for part in mpiexec_)]
+    done = subprocess.run(launcher, capture_output=True, text=True, timeout=90, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "global batch 8 = 4 per rank x 2 ranks" in done.stdout
+    assert_bitwise_equal(tensors(one), tensors(two))
