@@ -269,11 +269,11 @@ def test_compiled_tanh_is_within_a_few_ulp_of_the_exact_one():
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
-@pytest.mark.parametrize("hidden, batch", [(5, 3), (16, 3), (64, 3), (64, 12)])
-def test_compiled_lstm_loops_equal_the_numpy_loops(hidden, batch, bidirectional):
-    """The compiled loops against the reference, float32: BLAS blocks of 32 columns (H 64 and W_hh^T's 4H for
-    16 at batch 3), of 64 (batch 12), one block (5, and W_hh's H columns for 16), states and gradients
-    entering through the final state."""
+@pytest.mark.parametrize("hidden, batch, bias", [(5, 3, True), (16, 3, True), (64, 3, True), (64, 12, False)])
+def test_compiled_lstm_loops_equal_the_numpy_loops(hidden, batch, bias, bidirectional):
+    """The compiled loops against the reference, float32: BLAS blocks of 32 columns (H 64; W_hh^T's 4H for
+    16), one block (5, and W_hh's H columns for 16), with and without biases, states and gradients entering
+    through the final state."""
     from mnn import jit
     from mnn.layers import lstm_compiled
 
@@ -289,7 +289,7 @@ def test_compiled_lstm_loops_equal_the_numpy_loops(hidden, batch, bidirectional)
     for compiled in (True, False):
         previous = jit.set_enabled(compiled)
         try:
-            lstm = LSTM(7, hidden, 2, bidirectional=bidirectional, rng=np.random.default_rng(12))
+            lstm = LSTM(7, hidden, 2, bias=bias, bidirectional=bidirectional, rng=np.random.default_rng(12))
             output, final = lstm.forward(x, state0)
             dx, dstate0 = lstm.backward(doutput, dfinal)
         finally:

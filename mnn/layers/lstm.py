@@ -132,10 +132,11 @@ class LSTM(RecurrentBase):
         tanh_c = xp.empty((T, B, H), dtype=x.dtype)
         h[0], c[0] = state0
         bias = None if b_ih is None else self._half_sigmoid_rows(b_ih + b_hh)
-        gates = project_inputs(x, self._half_sigmoid_rows(w_ih), bias)  # Eq. (1), halved, all steps: (T, B, 4H)
-        if lstm_compiled.can_run(gates, h, c, tanh_c):  # the loop below as one compiled call, without the GIL
-            lstm_compiled.forward_loop(gates, self._half_sigmoid_rows(w_hh).T, h, c, tanh_c)  # Eqs. (1)-(4)
+        if lstm_compiled.can_run(h, c, tanh_c):  # the loop below as one compiled call, without the GIL
+            gates = project_inputs(x, self._half_sigmoid_rows(w_ih), None)  # Eq. (1): the loop adds the biases
+            lstm_compiled.forward_loop(gates, bias, self._half_sigmoid_rows(w_hh).T, h, c, tanh_c)  # Eqs. (1)-(4)
             return h[1:], [h[T], c[T]], (x, gates, c, tanh_c, h)
+        gates = project_inputs(x, self._half_sigmoid_rows(w_ih), bias)  # Eq. (1), halved, all steps: (T, B, 4H)
         recurrent_product = StepProduct(self._half_sigmoid_rows(w_hh).T, B)  # contiguous column blocks
         recurrent = xp.empty((B, 4 * H), dtype=x.dtype)
         compiled = jit.usable(gates, c)
@@ -164,9 +165,8 @@ class LSTM(RecurrentBase):
         dgates = xp.empty_like(gates)  # dL/da_t for every step, (T, B, 4H)
         dh, dc = dstateT[0].copy(), dstateT[1].copy()  # gradients reaching h_t, c_t from later steps
         if lstm_compiled.can_run(dgates, gates, tanh_c, c, doutput, dh, dc, *grads[:2]):  # the loop below, compiled
-            lstm_compiled.backward_loop(gates, c, tanh_c, doutput, dh, dc, dgates, w_hh,
-                                        x, h[:T], *grads[:2])  # Eqs. (5)-(9), (10) for W_ih, W_hh
-            dx = accumulate_weight_grads(dgates, x, dgates, h[:T], weights, [None, None, *grads[2:]])  # Eq. (10)
+            dx = lstm_compiled.backward_loop(gates, c, tanh_c, doutput, dh, dc, dgates, weights, grads,
+                                             x, h[:T])  # Eqs. (5)-(10)
             return dx, [dh, dc]
         compiled = jit.usable(dgates, gates, tanh_c, c, doutput, dh, dc)
         carry = StepProduct(w_hh, dh.shape[0])  # contiguous column blocks of W_hh

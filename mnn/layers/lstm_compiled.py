@@ -21,7 +21,7 @@ How.
   one numpy itself uses (its ILP64 build, ``scipy_cblas_sgemm64_``, found
   through threadpoolctl), so the numbers are those of numpy's products and the
   thread limits of :class:`~mnn.parallel.DataParallel` apply. It multiplies
-  column blocks of $W_{hh}$ (copied once per call, 32 or 64 columns each)
+  column blocks of $W_{hh}$ (copied once per call, ``BLOCK`` = 32 columns each)
   that stay under OpenBLAS's small-matrix size, as
   :class:`~mnn.layers.rnn.StepProduct` does, and with $\beta = 1$ the
   forward's product adds straight into the step's input terms.
@@ -46,16 +46,19 @@ from __future__ import annotations
 
 import ctypes
 import math
+import threading
 
 import numpy
 
 from mnn import jit
 
-# Columns of W_hh per sgemm call: the fastest here (one thread, 2026-12): 32 for 6 rows (19 and 17 us a
-# step's product against 25 for 64 columns), 64 for 16 rows (56 and 53 us against 57 and 63 for 32).
-NARROW_BLOCK, WIDE_BLOCK, WIDE_FROM_ROWS = 32, 64, 12
+# Columns of W_hh per sgemm call. Measured here (one thread, 2026-12, H 256, whole loops): at 6 rows
+# forward 27 us a step with 32 columns (16: 29, 64: 31, 128: 35), backward 22 (16: 27, 64: 30);
+# at 16 rows forward 75 (16: 97, 64: 74, 128: 76), backward 74 (16: 95, 64: 98, 128: 96).
+BLOCK = 32
 _SYMBOL = "mnn_cblas_sgemm"  # the name the kernels call sgemm by, bound to OpenBLAS's address
 _ready = None  # None: not looked for yet; True/False: whether the kernels can run
+_lookup = threading.Lock()
 
 # cblas arguments (enums are C ints) and float32 constants: numba keeps float32 arithmetic float32
 # only when every operand is float32 (a Python float would make it float64).
@@ -110,68 +113,80 @@ def can_run(*arrays) -> bool:
     global _ready, _sgemm, _tanh
     if not (jit.usable(*arrays) and all(array.dtype == numpy.float32 for array in arrays)):
         return False
-    if _ready is None:
-        address = _find_sgemm()
-        if address is not None:
-            import llvmlite.binding  # noqa: PLC0415 - comes with numba
-            from numba import njit, types  # noqa: PLC0415
+    with _lookup:  # once per process, whichever replica's thread comes first
+        if _ready is None:
+            address = _find_sgemm()
+            if address is not None:
+                import llvmlite.binding  # noqa: PLC0415 - comes with numba
+                from numba import njit, types  # noqa: PLC0415
 
-            llvmlite.binding.add_symbol(_SYMBOL, address)  # before any kernel is compiled or loaded from cache
-            pointer, i32, i64, f32 = types.voidptr, types.int32, types.int64, types.float32
-            _sgemm = types.ExternalFunction(_SYMBOL, types.void(i32, i32, i32, i64, i64, i64, f32, pointer, i64,
-                                                                pointer, i64, f32, pointer, i64))
-            _tanh = njit(error_model="numpy", fastmath={"contract"})(_tanh_scalar)  # FMAs: 15% faster
-        _ready = address is not None
+                llvmlite.binding.add_symbol(_SYMBOL, address)  # before any kernel is compiled or loaded from cache
+                pointer, i32, i64, f32 = types.voidptr, types.int32, types.int64, types.float32
+                _sgemm = types.ExternalFunction(_SYMBOL, types.void(i32, i32, i32, i64, i64, i64, f32, pointer, i64,
+                                                                    pointer, i64, f32, pointer, i64))
+                _tanh = njit(error_model="numpy", fastmath={"contract"})(_tanh_scalar)  # FMAs: 15% faster
+            _ready = address is not None
     return _ready
 
 
-def _column_blocks(w, rows: int):
-    """``w (K, N)`` as ``(N / width, K, width)`` contiguous column blocks, ``width`` for products of ``rows``
-    rows (one block when it does not divide N)."""
+def _column_blocks(w):
+    """``w (K, N)`` as ``(N / BLOCK, K, BLOCK)`` contiguous column blocks (one block where BLOCK does not divide N)."""
     K, N = w.shape
-    width = WIDE_BLOCK if rows >= WIDE_FROM_ROWS else NARROW_BLOCK
-    width = width if N % width == 0 else N
+    width = BLOCK if N % BLOCK == 0 else N
     return numpy.ascontiguousarray(w.reshape(K, N // width, width).transpose(1, 0, 2))
 
 
-def forward_loop(gates, w_hh_t, h, c, tanh_c) -> None:
+def forward_loop(gates, bias, w_hh_t, h, c, tanh_c) -> None:
     r"""The forward time loop of one layer and direction, Eqs. (1)-(4) of :class:`~mnn.layers.LSTM`, in place.
 
+    Each step adds the bias, then $h_{t-1} W_{hh}^\top$ ($\beta = 1$), to its
+    input products, as the reference's ``(x W_ih^T + b) + h W_hh^T``, while
+    they are in cache (no pass of its own over all steps).
+
     Args:
-        gates: ``(T, B, 4H)``: in, the input terms of (1) of every step, $i, f, o$ rows halved
-            (as the reference: $\sigma(a) = \tfrac12(1 + \tanh(a/2))$); out, the gates
-            $i, f, g, o$ of every step (the backward's cache).
+        gates: ``(T, B, 4H)``: in, $x_t W_{ih}^\top$ of every step; out, the gates
+            $i, f, g, o$ of every step (the backward's cache). Like ``bias`` and
+            ``w_hh_t``, with the $i, f, o$ parts halved, as in the reference:
+            $\sigma(a) = \tfrac12(1 + \tanh(a/2))$.
+        bias: ``(4H,)``, $b_{ih} + b_{hh}$ halved likewise, or ``None``.
         w_hh_t: $W_{hh}^\top$ ``(H, 4H)``, its $i, f, o$ columns halved.
         h: ``(T+1, B, H)``, ``h[0]`` given; ``h[1:]`` written.
         c: ``(T+1, B, H)``, ``c[0]`` given; ``c[1:]`` written.
         tanh_c: ``(T, B, H)``, written: $\tanh c_t$.
     """
-    _forward_kernel(gates, _column_blocks(w_hh_t, gates.shape[1]), h, c, tanh_c)
+    bias = numpy.zeros(0, gates.dtype) if bias is None else numpy.ascontiguousarray(bias)
+    _forward_kernel(gates, bias, _column_blocks(w_hh_t), h, c, tanh_c)
 
 
-def backward_loop(gates, c, tanh_c, doutput, dh, dc, dgates, w_hh, x, h_prev, dw_ih, dw_hh) -> None:
+def backward_loop(gates, c, tanh_c, doutput, dh, dc, dgates, weights, grads, x, h_prev):
     r"""The backward time loop of one layer and direction, Eqs. (5)-(9) of :class:`~mnn.layers.LSTM`, in place,
-    then the weights' gradients of Eq. (10).
+    then Eq. (10); returns $\partial L / \partial X$ ``(T, B, in)``.
 
-    After the loop, $G^\top X$ and $G^\top H_{-1}$ ($G$ = ``dgates`` as
-    ``(T B, 4H)``) are added into ``dw_ih`` and ``dw_hh`` by the product
-    itself ($\beta = 1$: no temporary, no extra pass); the biases' gradients
-    and $\partial L / \partial X$ are left to
-    :func:`~mnn.layers.rnn.accumulate_weight_grads`.
+    The loop also sums each step's $\partial L / \partial a_t$ over its rows
+    (the biases' gradient $\mathbf{1}^\top G$, in float64, while they are in
+    cache). After it, $G^\top X$ and $G^\top H_{-1}$ ($G$ = ``dgates`` as
+    ``(T B, 4H)``) are added into the weights' gradients by the product itself
+    ($\beta = 1$: no temporary, no extra pass), and $G W_{ih}$ is numpy's.
 
     Args:
         gates, c, tanh_c: the forward's cache (see :func:`forward_loop`).
         doutput: ``(T, B, H)``, the gradient of the layer's output at every step.
         dh, dc: ``(B, H)``: in, the gradients of the final state; out, those of the initial state.
-        dgates: ``(T, B, 4H)``, written: $\partial L / \partial a_t$ of every step (for Eq. 10).
-        w_hh: $W_{hh}$ ``(4H, H)``.
+        dgates: ``(T, B, 4H)``, written: $G$, $\partial L / \partial a_t$ of every step.
+        weights: ``[W_ih, W_hh, b_ih, b_hh]`` (biases ``None`` without bias).
+        grads: their gradients, accumulated into.
         x: ``(T, B, in)``, the layer's input; h_prev: ``(T, B, H)``, $h_0, \dots, h_{T-1}$.
-        dw_ih, dw_hh: ``(4H, in)``, ``(4H, H)``: the gradients, accumulated into.
     """
+    (w_ih, w_hh, _, _), (dw_ih, dw_hh, db_ih, db_hh) = weights, grads
     T, B, n = x.shape
-    _backward_kernel(gates, c, tanh_c, doutput, dh, dc, dgates, _column_blocks(w_hh, dh.shape[0]))
-    _weight_grads_kernel(dgates.reshape(T * B, -1), numpy.ascontiguousarray(x).reshape(T * B, n),
-                         h_prev.reshape(T * B, -1), dw_ih, dw_hh)
+    dbias = numpy.zeros(gates.shape[2], numpy.float64)
+    _backward_kernel(gates, c, tanh_c, doutput, dh, dc, dgates, _column_blocks(w_hh), dbias)
+    G = dgates.reshape(T * B, -1)
+    _weight_grads_kernel(G, numpy.ascontiguousarray(x).reshape(T * B, n), h_prev.reshape(T * B, -1), dw_ih, dw_hh)
+    if db_ih is not None:
+        db_ih += dbias.astype(db_ih.dtype)  # Eq. (10): 1^T G
+        db_hh += dbias.astype(db_hh.dtype)
+    return (G @ w_ih).reshape(T, B, n)  # Eq. (10)
 
 
 def tanh_float32(x):
@@ -211,31 +226,36 @@ def _tanh_kernel(x, out):
 
 
 @jit.kernel
-def _forward_kernel(gates, w_blocks, h, c, tanh_c):
+def _forward_kernel(gates, bias, w_blocks, h, c, tanh_c):
     T, B, G = gates.shape
     H = G // 4
     blocks, K, width = w_blocks.shape
     for t in range(T):
+        if bias.size:
+            for b in range(B):
+                a = gates[t, b]
+                for j in range(G):
+                    a[j] += bias[j]  # Eq. (1): the biases
         for k in range(blocks):  # gates[t] += h_{t-1} W_hh^T, block by block: Eq. (1)
             _sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, B, width, K, ONE, h[t].ctypes.data, K,
                    w_blocks[k].ctypes.data, width, ONE, gates[t, :, k * width:].ctypes.data, G)
-        for b in range(B):  # three loops the compiler vectorises (one loop of all three it does not)
+        for b in range(B):  # three loops, on one slice a gate: the compiler vectorises them (not one loop of all)
             a, c_prev, c_new, tc, h_new = gates[t, b], c[t, b], c[t + 1, b], tanh_c[t, b], h[t + 1, b]
+            i, f, g, o = a[:H], a[H:2 * H], a[2 * H:3 * H], a[3 * H:]
             for j in range(G):
                 a[j] = _tanh(a[j])  # Eq. (2): tanh(a^g), and tanh(a/2) for the sigmoids
             for j in range(H):
-                i = HALF * (ONE + a[j])  # Eq. (2)
-                f = HALF * (ONE + a[H + j])  # Eq. (2)
-                o = HALF * (ONE + a[3 * H + j])  # Eq. (2)
-                a[j], a[H + j], a[3 * H + j] = i, f, o
-                c_new[j] = f * c_prev[j] + i * a[2 * H + j]  # Eq. (3)
+                i[j] = HALF * (ONE + i[j])  # Eq. (2)
+                f[j] = HALF * (ONE + f[j])  # Eq. (2)
+                o[j] = HALF * (ONE + o[j])  # Eq. (2)
+                c_new[j] = f[j] * c_prev[j] + i[j] * g[j]  # Eq. (3)
             for j in range(H):
                 tc[j] = _tanh(c_new[j])  # Eq. (4)
-                h_new[j] = a[3 * H + j] * tc[j]  # Eq. (4)
+                h_new[j] = o[j] * tc[j]  # Eq. (4)
 
 
 @jit.kernel
-def _backward_kernel(gates, c, tanh_c, doutput, dh, dc, dgates, w_blocks):
+def _backward_kernel(gates, c, tanh_c, doutput, dh, dc, dgates, w_blocks, dbias):
     T, B, G = gates.shape
     H = G // 4
     blocks, _, width = w_blocks.shape
@@ -243,16 +263,19 @@ def _backward_kernel(gates, c, tanh_c, doutput, dh, dc, dgates, w_blocks):
         for b in range(B):
             a, da, c_prev, tcs, dout, dhb, dcb = gates[t, b], dgates[t, b], c[t, b], tanh_c[t, b], doutput[t, b], \
                 dh[b], dc[b]
+            i, f, g, o = a[:H], a[H:2 * H], a[2 * H:3 * H], a[3 * H:]
+            di, df, dg, do = da[:H], da[H:2 * H], da[2 * H:3 * H], da[3 * H:]
             for j in range(H):
-                i, f, g, o = a[j], a[H + j], a[2 * H + j], a[3 * H + j]
                 tc = tcs[j]
                 gh = dhb[j] + dout[j]  # g^h: the output's gradient plus what step t+1 carried
-                dcv = dcb[j] + gh * o * (ONE - tc * tc)  # Eq. (5)
-                da[3 * H + j] = gh * tc * o * (ONE - o)  # Eq. (6)
-                da[j] = dcv * g * i * (ONE - i)  # Eq. (7)
-                da[H + j] = dcv * c_prev[j] * f * (ONE - f)  # Eq. (7)
-                da[2 * H + j] = dcv * i * (ONE - g * g)  # Eq. (7)
-                dcb[j] = dcv * f  # Eq. (8)
+                dcv = dcb[j] + gh * o[j] * (ONE - tc * tc)  # Eq. (5)
+                do[j] = gh * tc * o[j] * (ONE - o[j])  # Eq. (6)
+                di[j] = dcv * g[j] * i[j] * (ONE - i[j])  # Eq. (7)
+                df[j] = dcv * c_prev[j] * f[j] * (ONE - f[j])  # Eq. (7)
+                dg[j] = dcv * i[j] * (ONE - g[j] * g[j])  # Eq. (7)
+                dcb[j] = dcv * f[j]  # Eq. (8)
+            for j in range(G):
+                dbias[j] += da[j]  # Eq. (10): 1^T G, row by row
         for k in range(blocks):  # dh = dL/da_t W_hh, block by block: Eq. (9)
             _sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, B, width, G, ONE, dgates[t].ctypes.data, G,
                    w_blocks[k].ctypes.data, width, ZERO, dh[:, k * width:].ctypes.data, H)

@@ -328,9 +328,8 @@ def accumulate_weight_grads(dpre_x, x, dpre_h, h_prev, weights, grads):
     T, B, n = x.shape
     rows = w_ih.shape[0]
     gx, gh = dpre_x.reshape(T * B, rows), dpre_h.reshape(T * B, rows)
-    if dw_ih is not None:  # None: already added (the LSTM's compiled loop, mnn.layers.lstm_compiled)
-        dw_ih += gx.T @ x.reshape(T * B, n)
-        dw_hh += gh.T @ h_prev.reshape(T * B, -1)
+    dw_ih += gx.T @ x.reshape(T * B, n)
+    dw_hh += gh.T @ h_prev.reshape(T * B, -1)
     if b_ih is not None:
         ones = xp.ones(T * B, dtype=gx.dtype)
         db = ones @ gx  # 1^T G: a matrix-vector product (see Linear)
