@@ -293,3 +293,14 @@ def test_two_ranks_on_two_hosts_over_tcp_train_as_one_process(text_file, tmp_pat
     assert done.returncode == 0, done.stderr
     assert "global batch 8 = 4 per rank x 2 ranks" in done.stdout
     assert_bitwise_equal(tensors(one), tensors(two))
+
+
+def test_replicas_beyond_the_cores_are_refused_in_one_line(text_file, tmp_path):
+    cores = os.cpu_count()
+    done = mpiexec(2, [sys.executable, "-m", "mnn.cli", "train", "gpt", "--data", text_file, *GPT,
+                       "--replicas", str(cores), "--out", tmp_path / "run"], timeout=60)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("mnn: error")]
+    assert errors == [f"mnn: error: --replicas {cores} with 2 ranks on this machine makes {2 * cores} threads for "
+                      f"its {cores} cores: give --replicas {max(1, cores // 2)} or leave it out (ranks already use "
+                      "every core)"]
