@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -244,6 +245,7 @@ def main(argv=None) -> int:
             for row in measured["buckets"]:
                 print(f"  DDP {row['model']}: {row['bytes']:,} bytes in {row['buckets']} buckets of <= "
                       f"{row['bucket_cap_mb']} MB: {row['seconds'] * 1e3:.3f} ms")
+    shutil.rmtree(out, ignore_errors=True)  # the runs' checkpoints (130 MB each for the larger GPT)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0
