@@ -298,3 +298,26 @@ def test_compiled_lstm_loops_equal_the_numpy_loops(hidden, batch, bias, bidirect
     for mine, reference in zip(*results):
         assert mine.dtype == np.float32
         assert rel(mine, reference) <= 2e-6
+
+
+def test_without_openblas_sgemm_the_lstm_takes_the_numpy_loops(monkeypatch):
+    """Where no ILP64 sgemm is found (another BLAS), ``can_run`` is False and the reference loops run."""
+    from mnn import jit
+    from mnn.layers import lstm_compiled
+
+    def refuse(*args):
+        raise AssertionError("the compiled loops ran without sgemm")
+
+    monkeypatch.setattr(lstm_compiled, "_ready", None)
+    monkeypatch.setattr(lstm_compiled, "_find_sgemm", lambda: None)
+    monkeypatch.setattr(lstm_compiled, "forward_loop", refuse)
+    monkeypatch.setattr(lstm_compiled, "backward_loop", refuse)
+    previous = jit.set_enabled(True)
+    try:
+        assert not lstm_compiled.can_run(np.zeros((2, 3), np.float32))
+        lstm = LSTM(3, 4, rng=np.random.default_rng(14))
+        output, _ = lstm.forward(np.random.default_rng(13).standard_normal((4, 2, 3)).astype(np.float32))
+        dx, _ = lstm.backward(np.ones_like(output))
+    finally:
+        jit.set_enabled(previous)
+    assert np.isfinite(dx).all() and np.abs(lstm.grads["weight_hh_l0"]).sum() > 0

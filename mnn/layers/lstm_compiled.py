@@ -110,23 +110,33 @@ def _find_sgemm() -> int | None:
 
 def can_run(*arrays) -> bool:
     """Whether the compiled loops take these arrays: :func:`mnn.jit.usable`, all float32, sgemm found."""
-    global _ready, _sgemm, _tanh
+    global _ready
     if not (jit.usable(*arrays) and all(array.dtype == numpy.float32 for array in arrays)):
         return False
     with _lookup:  # once per process, whichever replica's thread comes first
         if _ready is None:
-            address = _find_sgemm()
-            if address is not None:
-                import llvmlite.binding  # noqa: PLC0415 - comes with numba
-                from numba import njit, types  # noqa: PLC0415
-
-                llvmlite.binding.add_symbol(_SYMBOL, address)  # before any kernel is compiled or loaded from cache
-                pointer, i32, i64, f32 = types.voidptr, types.int32, types.int64, types.float32
-                _sgemm = types.ExternalFunction(_SYMBOL, types.void(i32, i32, i32, i64, i64, i64, f32, pointer, i64,
-                                                                    pointer, i64, f32, pointer, i64))
-                _tanh = njit(error_model="numpy", fastmath={"contract"})(_tanh_scalar)  # FMAs: 15% faster
-            _ready = address is not None
+            _ready = _bind()
     return _ready
+
+
+def _bind() -> bool:
+    """Make sgemm callable from the kernels and compile the ``tanh``; False (the numpy loops) where it cannot."""
+    global _sgemm, _tanh
+    address = _find_sgemm()
+    if address is None:
+        return False
+    try:
+        import llvmlite.binding  # noqa: PLC0415 - comes with numba
+        from numba import njit, types  # noqa: PLC0415
+
+        llvmlite.binding.add_symbol(_SYMBOL, address)  # before any kernel is compiled or loaded from cache
+        pointer, i32, i64, f32 = types.voidptr, types.int32, types.int64, types.float32
+        _sgemm = types.ExternalFunction(_SYMBOL, types.void(i32, i32, i32, i64, i64, i64, f32, pointer, i64,
+                                                            pointer, i64, f32, pointer, i64))
+        _tanh = njit(error_model="numpy", fastmath={"contract"})(_tanh_scalar)  # FMAs: 15% faster
+    except Exception:  # noqa: BLE001 - a numba without these interfaces: the numpy loops
+        return False
+    return True
 
 
 def _column_blocks(w):
