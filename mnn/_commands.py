@@ -81,7 +81,7 @@ def split_loss(model, ids, windows_per_forward: int = 48) -> float:
     Window ``i`` predicts ``ids[i T + 1 : (i + 1) T + 1]`` from ``ids[i T : (i + 1) T]``, in evaluation mode
     and under ``no_grad``; a split shorter than one window plus one character is one shorter window.
     """
-    from mnn.backend import asarray  # noqa: PLC0415
+    from mnn.backend import asarray, read_scalar  # noqa: PLC0415
     from mnn.losses import CrossEntropyLoss  # noqa: PLC0415
     from mnn.module import no_grad  # noqa: PLC0415
 
@@ -95,7 +95,7 @@ def split_loss(model, ids, windows_per_forward: int = 48) -> float:
     with no_grad():
         for start in range(0, count, windows_per_forward):
             xb, yb = x[start:start + windows_per_forward], y[start:start + windows_per_forward]
-            total += float(loss_fn.forward(model.forward(asarray(xb)), asarray(yb))) * len(xb)
+            total += read_scalar(loss_fn.forward(model.forward(asarray(xb)), asarray(yb))) * len(xb)
     return total / count
 
 

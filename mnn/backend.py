@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import threading
 
 import numpy
 
@@ -48,6 +49,7 @@ xp = _ArrayModule()
 _default_dtype = numpy.float32
 device = "cpu"
 _environment_problem: str | None = None  # why MNN_DEVICE could not be used (raised on the first use of xp)
+_deferred = threading.local()  # per thread: [(failed, explain), ...] waiting for the next read-back
 
 
 def use(name: str) -> None:
@@ -56,7 +58,11 @@ def use(name: str) -> None:
     Raises:
         ValueError: for any other name.
         RuntimeError: when ``"gpu"`` is asked for and CuPy cannot be imported.
+
+    Checks deferred on the previous device (:func:`defer_check`) are dropped:
+    nothing computed from their inputs was read back, or they would have run.
     """
+    _deferred.checks = []
     global device, _environment_problem
     if name == "cpu":
         xp._module = numpy
@@ -127,10 +133,48 @@ def set_default_dtype(dtype) -> None:
 
 
 def to_numpy(array):
-    """Copy an array of the active device to host memory as a numpy array."""
+    """Copy an array of the active device to host memory as a numpy array (deferred checks first)."""
     if isinstance(array, (numpy.ndarray, numpy.generic, int, float)):
         return numpy.asarray(array)
+    if getattr(_deferred, "checks", None):
+        read_scalar(xp.zeros(()))  # a check still waiting is settled before any value leaves the device
     return array.get()  # CuPy, and the strict stand-in
+
+
+
+def defer_check(failed, explain) -> None:
+    """Check ``failed`` (a 0-d boolean array) at the next value read back, not now.
+
+    On the CPU reading a value costs nothing and ``explain()`` (which raises
+    the error) runs now if ``failed`` is true. On a device each read waits for
+    the device and copies the value back, so a check that only guards against
+    bad input rides along with the next scalar the step reads anyway (the
+    loss, in :func:`read_scalar`), in the same transfer: a token id out of
+    range is refused before the backward pass and the optimizer step, with
+    no read of its own.
+    """
+    if on_cpu():
+        if bool(failed):
+            explain()
+        return
+    if not hasattr(_deferred, "checks"):
+        _deferred.checks = []
+    _deferred.checks.append((failed, explain))
+
+
+def read_scalar(value) -> float:
+    """``float(value)`` of a 0-d array, the deferred checks of this thread read in the same transfer."""
+    pending = getattr(_deferred, "checks", None)
+    if not pending:
+        return float(value)
+    _deferred.checks = []
+    values = xp.stack([xp.asarray(value, dtype=numpy.float64).reshape(())]
+                      + [failed.astype(numpy.float64).reshape(()) for failed, _ in pending])
+    values = values.get()  # one transfer for the value and every check
+    for (_, explain), failed in zip(pending, values[1:]):
+        if failed:
+            explain()
+    return float(values[0])
 
 
 def asarray(array, dtype=None):

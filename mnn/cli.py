@@ -38,6 +38,10 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"mnn: error: {message}\n")
 
 
+DEVICE_HELP = ("cpu (numpy), gpu (CuPy) or strict (numpy behind CuPy's rules: an implicit host copy is an error) "
+               "(default: $MNN_DEVICE, else cpu)")
+
+
 def checked(kind: str, convert, accept):
     """An argparse type: ``convert`` the text, keep it if ``accept(value)``, else "expected a KIND, got TEXT"."""
     def parse(text: str):
@@ -114,8 +118,8 @@ def add_options(parser, options: list, defaults: dict, default_preset: str) -> N
 def device_options() -> argparse.ArgumentParser:
     """``--device``, accepted before the command and after it (on every subcommand)."""
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--device", choices=["cpu", "gpu"], default=argparse.SUPPRESS,
-                        help="cpu (numpy) or gpu (CuPy) (default: $MNN_DEVICE, else cpu)")
+    parent.add_argument("--device", choices=["cpu", "gpu", "strict"], default=argparse.SUPPRESS,
+                        help=DEVICE_HELP)
     return parent
 
 
@@ -231,8 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     devices = device_options()
     parser = OneLineParser(prog="mnn", description="Manual Neural Networks: train and use hand-derived models.")
     parser.add_argument("--version", action="version", version=f"mnn {__version__}")
-    parser.add_argument("--device", choices=["cpu", "gpu"], default=None,
-                        help="cpu (numpy) or gpu (CuPy) (default: $MNN_DEVICE, else cpu)")
+    parser.add_argument("--device", choices=["cpu", "gpu", "strict"], default=None, help=DEVICE_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser,
                                      title="commands (mnn COMMAND --help for each one's options)")
 

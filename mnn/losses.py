@@ -12,7 +12,7 @@ import math
 import numpy
 
 from mnn import cuda_kernels, jit
-from mnn.backend import on_cpu, xp
+from mnn.backend import defer_check, on_cpu, xp
 from mnn.errors import InputError, ShapeError
 from mnn.module import Module
 
@@ -28,13 +28,18 @@ def check_class_targets(loss: Module, scores, targets) -> None:
         raise ShapeError(f"{loss!r}: targets must be integer class ids, got dtype {targets.dtype}")
     if targets.size == 0:
         raise InputError(f"{loss!r}: empty batch")
-    if not on_cpu():  # on the device, one read-back: the bounds only when a target is out of range
-        if not bool(xp.any((targets < 0) | (targets >= scores.shape[-1]))):
-            return
-    lowest, highest = int(targets.min()), int(targets.max())
-    if lowest < 0 or highest >= scores.shape[-1]:
-        bad = lowest if lowest < 0 else highest
-        raise InputError(f"{loss!r}: target class {bad} out of range [0, {scores.shape[-1]})")
+    classes = scores.shape[-1]
+
+    def out_of_range() -> None:
+        lowest, highest = int(targets.min()), int(targets.max())
+        if lowest < 0 or highest >= classes:
+            bad = lowest if lowest < 0 else highest
+            raise InputError(f"{loss!r}: target class {bad} out of range [0, {classes})")
+
+    if not on_cpu():  # on a device: checked with the loss itself, in its read-back (no read of its own)
+        defer_check(xp.any((targets < 0) | (targets >= classes)), out_of_range)
+        return
+    out_of_range()
 
 
 class MSELoss(Module):

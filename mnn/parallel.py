@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 
+from mnn.backend import read_scalar
 from mnn.module import Module, no_grad
 
 
@@ -151,7 +152,7 @@ class DataParallel:
             if k:  # replica 0 is the model: its gradients accumulate as usual
                 for grad in self._grads[k]:
                     grad.fill(0)
-            loss = float(loss_fn.forward(replica.forward(shard[0]), shard[1]))
+            loss = read_scalar(loss_fn.forward(replica.forward(shard[0]), shard[1]))
             replica.backward(loss_fn.backward(scale * len(shard[0]) / rows))  # Eq. (1): upstream gradient N_k / N
             return loss * len(shard[0]) / rows * scale
 
@@ -169,7 +170,7 @@ class DataParallel:
 
         def work(k, shard):
             replica, loss_fn = self.models[k], self.losses[k]
-            loss = float(loss_fn.forward(replica.forward(shard[0]), shard[1]))  # keeps nothing: no_grad
+            loss = read_scalar(loss_fn.forward(replica.forward(shard[0]), shard[1]))  # keeps nothing: no_grad
             return loss * len(shard[0]) / rows
 
         losses = self._map(work, self._shards(x, y))

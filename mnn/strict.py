@@ -276,7 +276,11 @@ class StrictArray:
             yield _wrap(self._array[index])
 
     def __getitem__(self, key):
-        return _wrap(self._array[_unwrap(key, "indexing a device array")])
+        key = _unwrap(key, "indexing a device array")
+        try:
+            return _wrap(self._array[key])
+        except IndexError:  # CuPy wraps integer-array indices out of range around instead of raising
+            return _wrap(self._array[_wrapped_indices(key, self._array.shape)])
 
     def __setitem__(self, key, value) -> None:
         self._array[_unwrap(key, "indexing a device array")] = _unwrap(value, "assigning into a device array")
@@ -374,7 +378,22 @@ class _Namespace(types.ModuleType):
         return value
 
 
+def _wrapped_indices(key, shape):
+    """``key`` with each integer-array index taken modulo its axis's length, as CuPy's indexing does."""
+    parts = key if isinstance(key, tuple) else (key,)
+    if any(part is Ellipsis or part is None for part in parts):
+        raise IndexError(f"index out of range in {key!r}")
+    return tuple(part % shape[axis] if isinstance(part, numpy.ndarray) and part.dtype.kind in "iu" else part
+                 for axis, part in enumerate(parts))
+
+
+def _take(a, indices, axis=None, out=None, mode="wrap"):
+    """CuPy's ``take``: an index out of range wraps around (CuPy has no ``"raise"`` mode), as on a GPU."""
+    return numpy.take(a, indices, axis=axis, out=out, mode=mode)
+
+
 module = _Namespace("mnn.strict", numpy)
+module.take = _Function(_take, "take")
 module.ndarray = StrictArray
 module.asarray = _asarray("asarray")
 module.array = _asarray("array")

@@ -11,6 +11,7 @@ import pytest
 import mnn
 from mnn import backend, jit, strict
 from mnn.backend import asarray, to_numpy, xp
+from mnn.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -89,8 +90,9 @@ def test_a_hidden_host_round_trip_in_library_code_fails_even_where_tests_may_cro
 
 @needs_text
 def test_a_gpt_training_step_reads_back_only_its_scalars_and_equals_the_cpu_bitwise(strict_device, tmp_path):
-    """Per step: the loss and the gradient norm (the loop's scalars) plus one fused range check each of the token
-    ids and the targets; the batch's two arrays go to the device. The run equals numpy's, bit for bit."""
+    """Per step: the loss and the gradient norm (the loop's scalars, the second for its non-finite guard); the
+    range checks of the token ids and the targets ride along with the loss's read-back; the batch's two arrays
+    go to the device. The run equals numpy's, bit for bit."""
     from mnn.train.language_model import GPTTrainConfig, train_gpt  # noqa: PLC0415
 
     def config(out):
@@ -101,7 +103,7 @@ def test_a_gpt_training_step_reads_back_only_its_scalars_and_equals_the_cpu_bitw
     result = train_gpt(config(tmp_path / "strict"), on_iteration=lambda it: marks.append((it, dict(strict.counts))))
     per_step = [{key: after[key] - before[key] for key in after}
                 for (it, before), (_, after) in zip(marks, marks[1:]) if it % 4]  # steps without an evaluation
-    assert per_step and all(step == {"to_host": 4, "to_device": 2, "outside": 0} for step in per_step), per_step
+    assert per_step and all(step == {"to_host": 2, "to_device": 2, "outside": 0} for step in per_step), per_step
 
     xp._module, backend.device = np, "cpu"
     previous = jit.set_enabled(False)  # the same arithmetic: the numpy path (no compiled loops on the device)
@@ -122,3 +124,23 @@ def test_the_layer_model_checkpoint_and_training_tests_pass_on_the_strict_device
                            *STRICT_SUITES], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and " failed" not in done.stdout
+
+
+def test_an_id_out_of_range_on_the_device_is_refused_with_the_losss_read_back(strict_device):
+    """No read of its own: the check waits for the loss's read-back and is settled there, before any backward."""
+    from mnn.losses import CrossEntropyLoss  # noqa: PLC0415
+    from mnn.models.gpt import GPT, GPTConfig  # noqa: PLC0415
+
+    model, loss_fn = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=8), seed=0), CrossEntropyLoss()
+    ids, targets = asarray(np.array([[1, 2, 11]])), asarray(np.array([[2, 3, 4]]))
+    strict.reset_counts()
+    logits = model.forward(ids)  # the id 11 of a vocabulary of 11: not read back yet
+    loss = loss_fn.forward(logits, targets)
+    assert strict.counts["to_host"] == 0
+    with pytest.raises(InputError, match="id 11 out of range"):
+        backend.read_scalar(loss)
+    assert backend.read_scalar(loss_fn.forward(model.forward(asarray(np.array([[1, 2, 3]]))), targets)) > 0
+    logits = model.forward(ids)
+    with pytest.raises(InputError, match="id 11 out of range"):
+        to_numpy(logits)  # any value leaving the device settles the checks first
+    assert to_numpy(logits).shape == (1, 3, 11)  # settled once: nothing waits any more

@@ -259,3 +259,21 @@ def test_mfu_figures_and_the_probe(tmp_path, monkeypatch):
     assert throughput.peak_gflops() == 321.0 and measured == [1]
     entry = json.loads((tmp_path / "peak_sgemm.json").read_text())[throughput.machine_key()]
     assert (entry["gflops"], entry["median_gflops"], entry["size"]) == (321.0, 300.0, 2048)
+
+
+def test_a_step_faster_than_the_kept_peak_measures_the_peak_again(tmp_path, monkeypatch):
+    from mnn import throughput
+
+    monkeypatch.delenv("MNN_PEAK_GFLOPS", raising=False)
+    monkeypatch.setenv("MNN_CACHE", str(tmp_path))
+    monkeypatch.setattr(throughput, "_peaks", {throughput.machine_key(): 100.0})  # taken on busy cores
+    runs = iter([{"gflops": 150.0, "median_gflops": 140.0}, {"gflops": 400.0, "median_gflops": 390.0}])
+    measured = []
+    monkeypatch.setattr(throughput, "measure_sgemm", lambda: measured.append(1) or next(runs))
+    assert throughput.achieved(2e9, 10.0) == (200.0, 200.0 / 150.0)  # measured again: 150, kept, still busy
+    assert throughput.achieved(2e9, 10.0) == (200.0, 0.5) and len(measured) == 2  # again: 400 GFLOP/s
+    assert throughput.achieved(2e9, 10.0) == (200.0, 0.5) and len(measured) == 2  # under the peak: no probe
+    entry = json.loads((tmp_path / "peak_sgemm.json").read_text())[throughput.machine_key()]
+    assert entry["gflops"] == 400.0  # the next process starts from the faster peak
+    monkeypatch.setattr(throughput, "measure_sgemm", lambda: {"gflops": 300.0, "median_gflops": 290.0})
+    assert throughput.remeasure_peak(400.0) == 400.0  # a slower new measurement never lowers the peak

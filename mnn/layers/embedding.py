@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy
 
-from mnn.backend import default_dtype, on_cpu, xp
+from mnn.backend import default_dtype, defer_check, on_cpu, xp
 from mnn.errors import InputError, ShapeError
 from mnn.module import Module, check_output_grad
 
@@ -84,9 +84,12 @@ class Embedding(Module):
             raise ShapeError(f"{self!r}: ids must be an integer array, got dtype {getattr(ids, 'dtype', type(ids))}")
         if ids.size == 0:
             return
-        if not on_cpu():  # on the device, one read-back: the bounds only when an id is out of range
-            if not bool(xp.any((ids < 0) | (ids >= self.num_embeddings))):
-                return
+        if not on_cpu():  # on a device: checked with the step's loss, in its read-back (no read of its own)
+            defer_check(xp.any((ids < 0) | (ids >= self.num_embeddings)), lambda: self._out_of_range(ids))
+            return
+        self._out_of_range(ids)
+
+    def _out_of_range(self, ids) -> None:
         lowest, highest = int(ids.min()), int(ids.max())
         if lowest < 0 or highest >= self.num_embeddings:
             bad = lowest if lowest < 0 else highest

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import numpy
 
-from mnn.backend import asarray, default_dtype, xp
+from mnn.backend import asarray, default_dtype, read_scalar, xp
 from mnn.data import load_vision_dataset, minibatches
 from mnn.distributed import shard, world
 from mnn.errors import CheckpointError, DataError
@@ -259,7 +259,7 @@ class ClassifierTask:
             x = shift_and_flip(x, self.background, self.augment_rng)
         if self.parallel.replicas > 1:
             return self.parallel.forward_backward(x, y, weight)
-        loss = float(self.loss_fn.forward(self.model.forward(x), y))
+        loss = read_scalar(self.loss_fn.forward(self.model.forward(x), y))  # with the device's input checks
         if math.isfinite(loss):
             self.model.backward(self.loss_fn.backward(weight))
         return loss * weight
