@@ -276,7 +276,6 @@ def measure_memory(jobs: list[tuple[str, str]], threads: int, steps: int, tokens
 # -- the machine and the report -----------------------------------------------------
 def machine_info(threads: int) -> dict:
     import torch  # noqa: PLC0415
-    from threadpoolctl import threadpool_info  # noqa: PLC0415
 
     cpu_model = kernel.cpu_model()
     try:
@@ -295,8 +294,6 @@ def machine_info(threads: int) -> dict:
         "numba": numba_version,
         "MNN_JIT": os.environ.get("MNN_JIT"),
         "threads": threads,
-        "blas": [{k: pool.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
-                 for pool in threadpool_info() if pool.get("user_api") == "blas"],
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "threading_environment": {k: v for k, v in os.environ.items()
                                   if k.startswith(("OMP_", "GOMP_", "OPENBLAS_", "MKL_", "KMP_", "MALLOC_"))},

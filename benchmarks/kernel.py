@@ -20,24 +20,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+from mnn.throughput import cpu_model  # noqa: F401 - re-exported: the CPU's name beside each figure
+
 FORCING = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # the variables that override OpenBLAS's own choice
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def numpy_blas() -> list[dict]:
@@ -111,16 +101,12 @@ def benchmark_environment(keep: bool = False, environ: dict | None = None) -> tu
 def peak_sgemm(threads: int, environment: dict, size: int = 2048, repeats: int = 7) -> float:
     """The machine's float32 matrix-product rate in GFLOP/s: the median of ``repeats`` ``size``-cubed products.
 
-    Run in a fresh process with ``environment`` (the workers'), numpy's BLAS on
-    ``threads`` threads: the peak a step's model FLOPs are divided by for MFU.
+    :func:`mnn.throughput.measure_sgemm` run in a fresh process with
+    ``environment`` (the workers'), numpy's BLAS on ``threads`` threads: the
+    peak a step's model FLOPs are divided by for MFU.
     """
-    probe = (f"import numpy, statistics, time; from threadpoolctl import threadpool_limits; "
-             f"limit = threadpool_limits({threads}); rng = numpy.random.default_rng(0); "
-             f"a, b = (rng.standard_normal(({size}, {size}), dtype=numpy.float32) for _ in range(2)); "
-             f"out = numpy.empty_like(a); numpy.matmul(a, b, out=out); times = []\n"
-             f"for _ in range({repeats}):\n"
-             f"    started = time.perf_counter(); numpy.matmul(a, b, out=out); times.append(time.perf_counter() - started)\n"
-             f"print(2 * {size} ** 3 / statistics.median(times) / 1e9)")
+    probe = (f"import json; from threadpoolctl import threadpool_limits; from mnn.throughput import measure_sgemm; "
+             f"limit = threadpool_limits({threads}); print(json.dumps(measure_sgemm({size}, {repeats})))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=environment,
                           check=True, timeout=300)
-    return float(done.stdout.strip().splitlines()[-1])
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["median_gflops"])
