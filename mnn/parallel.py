@@ -1,4 +1,4 @@
-r"""Data parallelism in threads: replicas share the weights, each takes a slice of the batch, gradients add up.
+r"""Data parallelism on one machine: replicas share the weights, each takes a slice of the batch, gradients add up.
 
 Why it pays on a CPU. numpy runs every element-wise operation (GELU,
 LayerNorm, softmax, the optimizer) on one core, and OpenBLAS splits each
@@ -12,6 +12,11 @@ Shakespeare config, batch 12, 2026-11-30): forward and backward 46 ms with
 OpenBLAS on two threads, 42 ms as two replicas (medians of six alternating
 runs; single runs varied from 31 to 62 ms on the shared machine).
 
+Replicas 1, 2, ... run in forked processes where they can (Linux and macOS,
+numpy arrays, not under MPI), in threads elsewhere: the threads' contention for
+Python's global lock costs about 15% of a GPT step (:mod:`mnn.replica_process`
+has the measurement). Both compute the same bits.
+
 On a GPU (CuPy) there is nothing to gain; use one replica there.
 """
 
@@ -22,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 
-from mnn.backend import read_scalar
+from mnn import replica_process
+from mnn.backend import read_scalar, xp
 from mnn.module import Module, no_grad
 
 
@@ -88,17 +94,23 @@ class DataParallel:
     (threadpoolctl), so that replicas do not oversubscribe the cores.
     """
 
-    def __init__(self, model: Module, loss_fn: Module, replicas: int = 2) -> None:
+    def __init__(self, model: Module, loss_fn: Module, replicas: int = 2, processes: bool | None = None) -> None:
         if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
             raise ValueError(f"DataParallel: replicas must be a positive integer, got {replicas!r}")
         self.model = model
         self.models = [model] + [share_weights(model) for _ in range(replicas - 1)]
         self.losses = [loss_fn] + [copy.deepcopy(loss_fn) for _ in range(replicas - 1)]
+        if processes is None:  # processes where they can run (numpy arrays, fork, no MPI); threads elsewhere
+            processes = replicas > 1 and xp.__name__ == "numpy" and replica_process.available()
+        self.processes = bool(processes) and replicas > 1
+        self._workers = {k: replica_process.ReplicaProcess(k, model, self.models[k], self.losses[k])
+                         for k in range(1, replicas)} if self.processes else {}
         self._grads = [[grad for _, grad in replica.named_grads()] for replica in self.models]  # fixed arrays
-        self._pool = ThreadPoolExecutor(replicas - 1, thread_name_prefix="mnn-replica") if replicas > 1 else None
+        threads = replicas > 1 and not self.processes
+        self._pool = ThreadPoolExecutor(replicas - 1, thread_name_prefix="mnn-replica") if threads else None
         self._blas = None
         if replicas > 1:
-            from threadpoolctl import ThreadpoolController  # noqa: PLC0415 - only needed with threads
+            from threadpoolctl import ThreadpoolController  # noqa: PLC0415 - only needed with replicas
 
             self._blas = ThreadpoolController()
 
@@ -119,19 +131,58 @@ class DataParallel:
         for replica in self.models:
             replica.train(mode)
 
-    def _map(self, work, shards: list) -> dict:
-        """``{k: work(k, shard)}`` for every non-empty shard ``k``, the first on this thread, the others in threads."""
+    def _run(self, k: int, x, y, weight):
+        """Replica ``k``'s pass in this process: its shard's mean loss, and with a ``weight`` its backward from it."""
+        replica, loss_fn = self.models[k], self.losses[k]
+        if weight is not None and k:  # replica 0 is the model: its gradients accumulate as usual
+            for grad in self._grads[k]:
+                grad.fill(0)
+        loss = read_scalar(loss_fn.forward(replica.forward(x), y))
+        if weight is not None:
+            replica.backward(loss_fn.backward(weight))
+        return loss
+
+    def _map(self, shards: list, weight_of) -> dict:
+        """``{k: mean loss of shard k}`` for every non-empty shard, the first here, the others in threads or processes.
+
+        ``weight_of(rows)`` is the upstream gradient of a shard of ``rows`` rows
+        (Eq. 1); ``None`` runs forward passes only.
+        """
+        jobs = [(k, x, y, None if weight_of is None else weight_of(len(x)))
+                for k, (x, y) in enumerate(shards) if len(x)]
+        if self._workers:
+            return self._map_processes(jobs)
         for replica in self.models[1:]:  # broadcast the buffers from replica 0 (running statistics)
             for (_, own), (_, theirs) in zip(replica.named_buffers(), self.model.named_buffers()):
                 own[...] = theirs
-        jobs = [(k, shard) for k, shard in enumerate(shards) if len(shard[0])]
         if self._pool is None or len(jobs) == 1:
-            return {k: work(k, shard) for k, shard in jobs}
+            return {job[0]: self._run(*job) for job in jobs}
         with self._blas.limit(limits=1, user_api="blas"):
-            futures = {k: self._pool.submit(work, k, shard) for k, shard in jobs[1:]}
-            results = {jobs[0][0]: work(*jobs[0])}
+            futures = {job[0]: self._pool.submit(self._run, *job) for job in jobs[1:]}
+            results = {jobs[0][0]: self._run(*jobs[0])}
             results.update((k, future.result()) for k, future in futures.items())
             return results
+
+    def _map_processes(self, jobs: list) -> dict:
+        """:meth:`_map` with replicas 1.. in their processes; every pass started is waited for, even after an error."""
+        started, results, failure = [], {}, None
+        try:
+            for k, x, y, weight in jobs:
+                if k:
+                    self._workers[k].submit("evaluate" if weight is None else "train", x, y, weight)
+                    started.append(k)
+            if jobs[0][0] == 0:
+                with self._blas.limit(limits=1, user_api="blas"):
+                    results[0] = self._run(*jobs[0])
+        finally:
+            for k in started:
+                try:
+                    results[k] = self._workers[k].result()
+                except BaseException as error:  # noqa: BLE001 - raised once every replica has answered
+                    failure = failure or error
+        if failure is not None:
+            raise failure
+        return results
 
     def _shards(self, x, y) -> list:
         if len(x) != len(y):
@@ -145,37 +196,25 @@ class DataParallel:
         Both are multiplied by ``scale``: the batch's weight in a larger one
         (a micro-step of gradient accumulation, a rank's slice).
         """
-        rows = len(x)
-
-        def work(k, shard):
-            replica, loss_fn = self.models[k], self.losses[k]
-            if k:  # replica 0 is the model: its gradients accumulate as usual
-                for grad in self._grads[k]:
-                    grad.fill(0)
-            loss = read_scalar(loss_fn.forward(replica.forward(shard[0]), shard[1]))
-            replica.backward(loss_fn.backward(scale * len(shard[0]) / rows))  # Eq. (1): upstream gradient N_k / N
-            return loss * len(shard[0]) / rows * scale
-
-        losses = self._map(work, self._shards(x, y))
+        rows, shards = len(x), self._shards(x, y)
+        losses = self._map(shards, lambda n: scale * n / rows)  # Eq. (1): upstream gradient N_k / N
         for k in sorted(losses):
             if k:
                 for total, part in zip(self._grads[0], self._grads[k]):
                     total += part  # Eq. (1): the sum over replicas, in replica order
-        return float(sum(losses[k] for k in sorted(losses)))  # Eq. (1)
+        return float(sum(losses[k] * len(shards[k][0]) / rows * scale for k in sorted(losses)))  # Eq. (1)
 
     @no_grad()
     def evaluate(self, x, y) -> float:
         """Loss of the whole batch ``(x, y)``, forward only (nothing is kept for a backward)."""
-        rows = len(x)
-
-        def work(k, shard):
-            replica, loss_fn = self.models[k], self.losses[k]
-            loss = read_scalar(loss_fn.forward(replica.forward(shard[0]), shard[1]))  # keeps nothing: no_grad
-            return loss * len(shard[0]) / rows
-
-        losses = self._map(work, self._shards(x, y))
-        return float(sum(losses[k] for k in sorted(losses)))
+        rows, shards = len(x), self._shards(x, y)
+        losses = self._map(shards, None)
+        return float(sum(losses[k] * len(shards[k][0]) / rows for k in sorted(losses)))
 
     def close(self) -> None:
+        """Stop the replicas' threads or processes (a training loop calls it when it ends)."""
         if self._pool is not None:
             self._pool.shutdown()
+        for worker in self._workers.values():
+            worker.close()
+        self._workers = {}

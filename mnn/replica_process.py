@@ -1,0 +1,215 @@
+r"""A replica of :class:`~mnn.parallel.DataParallel` in a process of its own, its arrays in shared memory.
+
+Why a process. Replicas in threads share one interpreter, and every numpy
+call takes Python's global lock back when it returns. A GPT step makes a
+few thousand such calls per replica, and the lock hand-overs between two busy
+threads cost more than the Python they protect: measured on 2 cores (nanoGPT's
+CPU config, 6 windows a replica, 2026-12-01), one replica's forward and
+backward takes 19.6 ms alone, 20.1 ms beside the same work in another process,
+and 23.8 ms beside it in another thread. A forked process has its own lock.
+
+What is shared, and how. Before the fork, the replica's weights, buffers and
+gradients are moved into one anonymous shared mapping (``mmap``), which the
+child inherits: both processes see the same pages. Before every pass the
+model's current weights and buffers are copied into it (the model's own
+arrays stay where they are, so an optimizer or a ``load_state_dict`` that
+holds or replaces them keeps working); the child writes its gradients there,
+and :class:`~mnn.parallel.DataParallel` adds them into the model's, in replica
+order, as for a thread. The child computes exactly what the thread would, so
+the two give the same bits.
+
+What travels through the pipe: the shard, the upstream gradient's weight, the
+training mode, whether gradients are wanted, the products' precision, the fp16
+loss scale and the replica's random generators (dropout), whose new states come
+back with the loss, so that a checkpoint taken in the parent holds them.
+An error in the child comes back and is raised in the parent (its type and
+message, where the error itself cannot cross); a child that
+dies is reported in one line. The child ignores Ctrl-C (the parent stops at a
+step boundary and closes it) and exits when the parent's end of the pipe closes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing
+import os
+import signal
+
+import numpy
+
+from mnn import jit, precision
+from mnn.backend import read_scalar
+from mnn.module import no_grad
+
+_ALIGN = 64  # bytes: each array starts on a cache line
+
+
+def available() -> bool:
+    """Whether replicas can be processes here: ``fork`` exists (Linux, macOS) and MPI is not running.
+
+    Under ``mpiexec`` a fork after ``MPI_Init`` is unsafe for Open MPI's
+    transports, so ranks keep their replicas in threads.
+    """
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return False
+    return not any(key.startswith(("OMPI_COMM_WORLD", "PMI_RANK", "PMIX_RANK")) for key in os.environ)
+
+
+def _generators(model) -> list:
+    """The distinct ``numpy.random.Generator`` objects the modules of ``model`` hold as ``.rng``, in module order."""
+    found, seen = [], set()
+    for _, module in model.named_modules():
+        rng = getattr(module, "rng", None)
+        if isinstance(rng, numpy.random.Generator) and id(rng) not in seen:
+            seen.add(id(rng))
+            found.append(rng)
+    return found
+
+
+def _share(replica, model) -> tuple[mmap.mmap, list]:
+    """Move ``replica``'s parameters, buffers and gradients into one shared mapping; return it and the copies to make.
+
+    Each distinct array gets one view (tied weights stay tied). The returned
+    pairs ``(view, module, kind, key)`` name the model's array that each
+    shared weight or buffer is refreshed from before a pass.
+    """
+    sources = dict(model.named_modules())
+    slots, views, pairs = [], {}, []
+    for name, module in replica.named_modules():
+        for kind in ("params", "buffers", "grads"):
+            for key, array in getattr(module, kind).items():
+                if id(array) not in views:
+                    views[id(array)] = None
+                    slots.append(array)
+                    if kind != "grads":
+                        pairs.append((id(array), sources[name], kind, key))
+    sizes = [-(-array.nbytes // _ALIGN) * _ALIGN for array in slots]
+    block = mmap.mmap(-1, max(sum(sizes), _ALIGN))  # anonymous and MAP_SHARED: a forked child sees the same pages
+    offset = 0
+    for array, size in zip(slots, sizes):
+        view = numpy.frombuffer(block, array.dtype, array.size, offset).reshape(array.shape)
+        view[...] = array
+        views[id(array)] = view
+        offset += size
+    for _, module in replica.named_modules():
+        for kind in ("params", "buffers", "grads"):
+            table = getattr(module, kind)
+            for key, array in table.items():
+                table[key] = views[id(array)]
+    return block, [(views[ident], module, kind, key) for ident, module, kind, key in pairs]
+
+
+class ReplicaProcess:
+    """Replica ``index`` of a :class:`~mnn.parallel.DataParallel`, run by a forked child.
+
+    ``replica`` (the parent's mirror of it) keeps views of the shared arrays,
+    so the parent reads the child's gradients and buffers from it directly.
+    """
+
+    def __init__(self, index: int, model, replica, loss_fn) -> None:
+        self.index, self.replica, self.loss_fn = index, replica, loss_fn
+        self._block, self._copies = _share(replica, model)
+        self._grads = [grad for _, grad in replica.named_grads()]
+        self._rngs = _generators(replica)
+        context = multiprocessing.get_context("fork")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child, replica, loss_fn, self._grads, self._rngs),
+                                        name=f"mnn-replica{index}", daemon=True)
+        self._process.start()
+        child.close()
+        self._sent = self._received = 0
+
+    def submit(self, kind: str, x, y, weight: float) -> None:
+        """Start a pass on the child: ``kind`` is ``"train"`` (forward and backward) or ``"evaluate"``."""
+        for view, module, table, key in self._copies:
+            numpy.copyto(view, getattr(module, table)[key])  # the model's weights and buffers as they are now
+        scaler = getattr(self.loss_fn, "scaler", None)
+        context = (self.replica.training, precision.compute_dtype(), jit.enabled(),
+                   None if scaler is None else scaler.scale, [rng.bit_generator.state for rng in self._rngs])
+        self._sent += 1
+        try:
+            self._conn.send((self._sent, kind, x, y, weight, context))
+        except (BrokenPipeError, EOFError, OSError):
+            self._sent -= 1
+            raise self._died() from None
+
+    def result(self) -> float:
+        """The loss of the pass started by :meth:`submit` (its gradients are in the replica's arrays by then)."""
+        while self._received < self._sent:
+            try:
+                number, loss, states, error = self._conn.recv()
+            except (EOFError, OSError):
+                self._received = self._sent
+                raise self._died() from None
+            except Exception as unreadable:  # noqa: BLE001 - an answer (an error) that could not be rebuilt here
+                self._received = self._sent
+                raise RuntimeError(f"replica {self.index}: its answer could not be read ({unreadable})") from None
+            self._received = number
+            if number == self._sent:  # an older answer belongs to a pass the parent abandoned (Ctrl-C)
+                for rng, state in zip(self._rngs, states):
+                    rng.bit_generator.state = state  # drawn from, as a thread's would have been, even on an error
+                if error is not None:
+                    raise error
+                return loss
+        raise RuntimeError(f"replica {self.index}: no pass was started")
+
+    def _died(self) -> RuntimeError:
+        self._process.join(timeout=1.0)
+        return RuntimeError(f"DataParallel: the process of replica {self.index} ended "
+                            f"(exit code {self._process.exitcode}); the step cannot finish")
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            try:
+                self._conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            self._process.join(timeout=5.0)
+            if self._process.is_alive():
+                self._process.terminate()
+                self._process.join(timeout=5.0)
+        self._conn.close()
+
+
+def _serve(conn, replica, loss_fn, grads, rngs) -> None:
+    """The child: run each pass the parent sends until the pipe closes or says stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent at a step boundary; it closes us
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    threadpool_limits(limits=1, user_api="blas")  # one core per replica, as each thread has
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError, KeyboardInterrupt):
+            return
+        if message is None:
+            return
+        number, kind, x, y, weight, (training, dtype, compiled, loss_scale, states) = message
+        try:
+            if replica.training != training:
+                replica.train(training)
+            precision.set_compute_dtype(dtype)
+            jit.set_enabled(compiled)
+            if loss_scale is not None:
+                loss_fn.scaler.scale = loss_scale
+            for rng, state in zip(rngs, states):
+                rng.bit_generator.state = state
+            if kind == "train":
+                for grad in grads:
+                    grad.fill(0)
+                loss = read_scalar(loss_fn.forward(replica.forward(x), y))
+                replica.backward(loss_fn.backward(weight))
+            else:
+                with no_grad():
+                    loss = read_scalar(loss_fn.forward(replica.forward(x), y))
+            answer = (number, loss, [rng.bit_generator.state for rng in rngs], None)
+        except BaseException as error:  # noqa: BLE001 - every failure goes back to the parent
+            answer = (number, None, [rng.bit_generator.state for rng in rngs], error)
+        try:
+            conn.send(answer)
+        except (BrokenPipeError, OSError):
+            return
+        except Exception:  # noqa: BLE001 - an error that cannot cross the pipe: its type and message do
+            error = RuntimeError(f"in replica process: {type(answer[3]).__name__}: {answer[3]}")
+            conn.send((number, None, answer[2], error))
+
