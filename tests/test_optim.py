@@ -403,3 +403,34 @@ def test_optimizers_minimise_least_squares(make_optimizer, compute_path):
         last = loss_and_backward()
     assert model.params["weight"].dtype == numpy.float32
     assert last < first / 10, (first, last)
+
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_moments_of_a_silent_gradient_flush_to_zero_and_move_no_parameter(kind, compute_path):
+    """A gradient that falls silent leaves its moments decaying into the subnormal range: mnn sets them to
+    zero (flush_subnormal), PyTorch keeps them, and no parameter moves differently."""
+    start = numpy.array([0.75, -2.5, 1e-3, 3.0], dtype=numpy.float32)
+    param, grad = start.copy(), numpy.zeros_like(start)
+    tensor = torch.tensor(start.copy(), requires_grad=True)
+    if kind == "sgd":
+        ours = SGD([{"params": [("w", param, grad)]}], lr=0.1, momentum=0.5)
+        theirs, names = torch.optim.SGD([tensor], lr=0.1, momentum=0.5), [("momentum", "momentum_buffer")]
+    else:
+        ours = Adam([{"params": [("w", param, grad)]}], lr=0.1, betas=(0.5, 0.6))
+        theirs, names = torch.optim.Adam([tensor], lr=0.1, betas=(0.5, 0.6)), [("exp_avg",) * 2, ("exp_avg_sq",) * 2]
+    first = numpy.array([1.0, -2.0, 0.5, 4.0], dtype=numpy.float32)
+    for step in range(140):  # 0.5**k passes 2**-126 (float32's smallest normal) after about 127 silent steps
+        value = first if step == 0 else numpy.zeros_like(first)
+        grad[...] = value
+        tensor.grad = torch.tensor(value)
+        ours.step()
+        theirs.step()
+    tiny = numpy.finfo(numpy.float32).tiny
+    for own, other in names:
+        mine, reference = ours.state["w"][own], theirs.state[tensor][other].numpy()
+        subnormal = (reference != 0) & (numpy.abs(reference) < tiny)
+        assert subnormal.all() == (own != "exp_avg_sq"), own  # v decays more slowly: still normal here
+        assert not mine[subnormal].any(), own
+        numpy.testing.assert_allclose(mine[~subnormal], reference[~subnormal], rtol=1e-5, err_msg=own)
+    assert numpy.array_equal(param, tensor.detach().numpy())

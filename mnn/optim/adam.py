@@ -8,7 +8,7 @@ import numpy
 
 from mnn import cuda_kernels, jit
 from mnn.backend import xp
-from mnn.optim.optimizer import Optimizer
+from mnn.optim.optimizer import Optimizer, flush_subnormal
 
 
 class Adam(Optimizer):
@@ -45,6 +45,9 @@ class Adam(Optimizer):
     \theta_t = \theta_{t-1} - \frac{\eta}{1 - \beta_1^t}\,
     \frac{m_t}{\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon}. \tag{6}
     $$
+
+    Moments below the smallest normal float are set to zero
+    (:func:`~mnn.optim.optimizer.flush_subnormal`, which says why).
 
     With $\lambda > 0$, (1) is L2 regularisation, which the adaptive scaling
     in (5) weakens for parameters with large gradients; :class:`AdamW`
@@ -88,7 +91,7 @@ class Adam(Optimizer):
             shrink, l2 = (1.0 - lr * decay, 0.0) if self.decoupled else (1.0, decay)
             _adam_kernel(jit.flat(param), jit.flat(grad), jit.flat(m), jit.flat(v), real(shrink), real(l2),
                          real(beta1), real(beta2), real(1.0 - beta2), real(eps), real(lr / (1.0 - beta1**t)),
-                         real(math.sqrt(1.0 - beta2**t)))
+                         real(math.sqrt(1.0 - beta2**t)), real(xp.finfo(param.dtype).tiny))
             return
         if cuda_kernels.usable(param, grad, m, v):  # the GPU: Eqs. (1)-(6) in one pass
             shrink, l2 = (1.0 - lr * decay, 0.0) if self.decoupled else (1.0, decay)
@@ -110,6 +113,8 @@ class Adam(Optimizer):
         xp.multiply(g, g, out=work)  # Eq. (3): g^2 (work may alias g)
         work *= 1.0 - beta2  # Eq. (3)
         v += work  # Eq. (3)
+        flush_subnormal(m)
+        flush_subnormal(v)
         step_size = lr / (1.0 - beta1**t)  # Eq. (6): eta / (1 - beta1^t)
         xp.sqrt(v, out=work)  # Eq. (6): denominator
         work /= math.sqrt(1.0 - beta2**t)  # Eq. (6)
@@ -120,8 +125,9 @@ class Adam(Optimizer):
 
 
 @jit.kernel
-def _adam_kernel(param, grad, m, v, shrink, l2, beta1, beta2, one_minus_beta2, eps, step_size, bias2_sqrt):
-    r"""Adam's Eqs. (1)-(6) for one parameter, element by element; AdamW passes ``shrink`` = $1 - \eta\lambda$."""
+def _adam_kernel(param, grad, m, v, shrink, l2, beta1, beta2, one_minus_beta2, eps, step_size, bias2_sqrt, tiny):
+    r"""Adam's Eqs. (1)-(6) for one parameter, element by element; AdamW passes ``shrink`` = $1 - \eta\lambda$,
+    ``tiny`` is the smallest normal float (:func:`~mnn.optim.optimizer.flush_subnormal`)."""
     for i in range(param.size):
         p = param[i]
         g = grad[i]
@@ -130,6 +136,10 @@ def _adam_kernel(param, grad, m, v, shrink, l2, beta1, beta2, one_minus_beta2, e
         p = p * shrink  # AdamW Eq. (1) (1 for Adam)
         mi = beta1 * (m[i] - g) + g  # Eq. (2)
         vi = beta2 * v[i] + one_minus_beta2 * (g * g)  # Eq. (3)
+        if abs(mi) < tiny:
+            mi = mi - mi  # flush_subnormal
+        if vi < tiny:
+            vi = vi - vi  # flush_subnormal
         m[i] = mi
         v[i] = vi
         param[i] = p - mi / (numpy.sqrt(vi) / bias2_sqrt + eps) * step_size  # Eq. (6)

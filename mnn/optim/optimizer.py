@@ -201,6 +201,30 @@ class Optimizer:
         return f"{type(self).__name__}([{groups}])"
 
 
+def flush_subnormal(state) -> None:
+    r"""Set the entries of an optimizer's state whose magnitude is below the smallest normal float to zero.
+
+    Why. A moment whose gradient stays zero (a dead ReLU unit, an input pixel
+    that is always 0) decays geometrically, $b_t = \mu^t b_0$, and after some
+    hundreds of steps reaches the subnormal range ($|b| < 2^{-126} \approx
+    1.2 \times 10^{-38}$ in float32). There it does nothing: the step it adds,
+    $\eta\, b$ with $\eta \le 1$, is below half a unit in the last place of any
+    parameter larger than $2^{-102} \approx 2 \times 10^{-31}$, so the
+    parameter rounds back to itself, exactly as if the entry were zero. But an
+    x86 core takes a microcode assist of about a hundred cycles for every
+    arithmetic instruction that reads or makes a subnormal: on the MLP
+    benchmark (784-256-10, SGD momentum 0.9) 12.5% of the first layer's
+    momentum was subnormal after 3000 steps, and its update took 256 us
+    instead of 130 at batch 64, 1344 us instead of 195 at batch 512.
+
+    PyTorch keeps the subnormals; a parameter's value differs from its only
+    where the parameter itself is within $2^{-102}$ of zero. (The CPU paths
+    flush; the CUDA Adam kernel, on hardware that handles subnormals at full
+    speed, keeps them as PyTorch does.)
+    """
+    state[xp.abs(state) < xp.finfo(state.dtype).tiny] = 0
+
+
 def _as_groups(params) -> list[dict]:
     """A Module becomes one group of all its parameters; a list of group dicts stays as it is."""
     if isinstance(params, Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mnn import jit
 from mnn.backend import xp
-from mnn.optim.optimizer import Optimizer
+from mnn.optim.optimizer import Optimizer, flush_subnormal
 
 
 class SGD(Optimizer):
@@ -33,6 +33,10 @@ class SGD(Optimizer):
 
     The decay in (1) is L2 regularisation: it is the gradient of
     $\tfrac{\lambda}{2}\lVert\theta\rVert^2$ added to the loss.
+
+    A momentum entry below the smallest normal float is set to zero
+    (:func:`~mnn.optim.optimizer.flush_subnormal`, which says why): it moves
+    no parameter, and left there it slows every later step.
 
     Args:
         params: a Module, or a list of groups ``{"params": [(name, param, grad), ...], **overrides}``.
@@ -67,7 +71,8 @@ class SGD(Optimizer):
         if jit.usable(param, grad, buf):
             real = param.dtype.type
             _sgd_kernel(jit.flat(param), jit.flat(grad), jit.flat(buf), real(lr), real(mu), real(decay),
-                        real(1.0 - group["dampening"]), group["nesterov"], self.step_count == 1)
+                        real(1.0 - group["dampening"]), group["nesterov"], self.step_count == 1,
+                        real(xp.finfo(param.dtype).tiny))
             return
         direction = grad
         if decay != 0.0:
@@ -85,6 +90,7 @@ class SGD(Optimizer):
                 else:
                     xp.multiply(direction, 1.0 - group["dampening"], out=spare)  # Eq. (2)
                     buf += spare  # Eq. (2)
+                flush_subnormal(buf)
             if group["nesterov"]:
                 xp.multiply(buf, mu, out=spare)  # Eq. (3): mu b_t
                 spare += direction  # Eq. (3)
@@ -96,8 +102,9 @@ class SGD(Optimizer):
 
 
 @jit.kernel
-def _sgd_kernel(param, grad, buf, lr, mu, decay, keep, nesterov, first):
-    r"""SGD's Eqs. (1)-(4) for one parameter, element by element (``keep`` = $1 - \tau$)."""
+def _sgd_kernel(param, grad, buf, lr, mu, decay, keep, nesterov, first, tiny):
+    r"""SGD's Eqs. (1)-(4) for one parameter, element by element (``keep`` = $1 - \tau$, ``tiny`` the
+    smallest normal float)."""
     for i in range(param.size):
         d = grad[i]
         if decay != 0.0:
@@ -107,6 +114,8 @@ def _sgd_kernel(param, grad, buf, lr, mu, decay, keep, nesterov, first):
                 b = d  # Eq. (2), t = 1
             else:
                 b = mu * buf[i] + keep * d  # Eq. (2)
+                if abs(b) < tiny:
+                    b = b - b  # flush_subnormal: zero, of the dtype b has
             buf[i] = b
             if nesterov:
                 d = d + mu * b  # Eq. (3)
