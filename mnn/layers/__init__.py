@@ -2,7 +2,7 @@
 
 Read them in this order: ``linear`` (the exemplar), ``activation`` (and ``prelu``),
 ``softmax``, ``dropout``, ``matmul``, ``embedding``, ``normalization``,
-``attention``, ``rnn`` (then ``lstm``, ``gru``). Each file holds a family's
+``attention``, ``rnn`` (then ``input_projection``, ``lstm``, ``gru``). Each file holds a family's
 layers with their compiled loops (:mod:`mnn.jit`) beside them.
 """
 

@@ -107,14 +107,22 @@ class Embedding(Module):
     def backward(self, dy):
         ids = self.pop_cache()
         check_output_grad(self, dy, ids.shape + (self.embedding_dim,))
-        ids = ids.reshape(-1)
-        rows = dy.reshape(-1, self.embedding_dim)
-        order = xp.argsort(ids)
-        sorted_ids = ids[order]
-        run_starts = xp.flatnonzero(xp.concatenate((xp.ones(1, dtype=bool), sorted_ids[1:] != sorted_ids[:-1])))
-        sums = xp.add.reduceat(xp.take(rows, order, axis=0), run_starts, axis=0)  # Eq. (2): one sum per id
-        self.grads["weight"][sorted_ids[run_starts]] += sums  # Eq. (2): the ids are unique here
+        unique, sums = sum_rows_by_id(ids.reshape(-1), dy.reshape(-1, self.embedding_dim))  # Eq. (2)
+        self.grads["weight"][unique] += sums  # Eq. (2): the ids are unique here
         return None
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+def sum_rows_by_id(ids, rows):
+    r"""$S^\top G$ without $S$: the rows of ``rows (N, C)`` summed per distinct id of ``ids (N,)``.
+
+    Returns ``(unique ids (U,), sums (U, C))``, the ids in increasing order: sorted
+    segments, as :class:`Embedding` measures (sort the ids, one ``add.reduceat`` per
+    run of equal ids).
+    """
+    order = xp.argsort(ids)
+    sorted_ids = ids[order]
+    run_starts = xp.flatnonzero(xp.concatenate((xp.ones(1, dtype=bool), sorted_ids[1:] != sorted_ids[:-1])))
+    return sorted_ids[run_starts], xp.add.reduceat(xp.take(rows, order, axis=0), run_starts, axis=0)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from mnn import jit
 from mnn.backend import xp
-from mnn.layers.rnn import RecurrentBase, StepProduct, accumulate_weight_grads, project_inputs
+from mnn.layers.input_projection import accumulate_weight_grads, project_inputs
+from mnn.layers.rnn import RecurrentBase, StepProduct
 
 
 class GRU(RecurrentBase):
@@ -32,7 +33,7 @@ class GRU(RecurrentBase):
     $$
 
     $a^x$ of all $T$ steps is one product before the loop
-    (:func:`~mnn.layers.rnn.project_inputs`; $b_{hr}, b_{hz}$ are added there
+    (:func:`~mnn.layers.input_projection.project_inputs`; $b_{hr}, b_{hz}$ are added there
     too); the loop computes $a^h$. As in :class:`~mnn.layers.lstm.LSTM`, the
     sigmoids are $\tfrac12(1 + \tanh(\cdot/2))$ with the $r, z$ rows halved once per forward.
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from mnn import jit
 from mnn.backend import xp
 from mnn.layers import lstm_compiled
-from mnn.layers.rnn import RecurrentBase, StepProduct, accumulate_weight_grads, project_inputs
+from mnn.layers.input_projection import accumulate_weight_grads, project_inputs
+from mnn.layers.rnn import RecurrentBase, StepProduct
 
 
 class LSTM(RecurrentBase):
@@ -31,7 +32,7 @@ class LSTM(RecurrentBase):
     $$
 
     The input terms of (1) for all $T$ steps are one product before the loop
-    (:func:`~mnn.layers.rnn.project_inputs`); the loop adds $h_{t-1} W_{hh}^\top$.
+    (:func:`~mnn.layers.input_projection.project_inputs`); the loop adds $h_{t-1} W_{hh}^\top$.
     (2) is one ``tanh`` over the whole $B \times 4H$ block: since
     $\sigma(a) = \tfrac12(1 + \tanh(a/2))$, the rows of $W_{ih}, W_{hh}, b$ for
     $i, f, o$ are halved once per forward (exact in binary floating point), and

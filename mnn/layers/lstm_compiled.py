@@ -51,6 +51,7 @@ import threading
 import numpy
 
 from mnn import jit
+from mnn.layers.input_projection import TableLookup
 
 # Columns of W_hh per sgemm call. Measured here (one thread, 2026-12, H 256, whole loops): at 6 rows
 # forward 27 us a step with 32 columns (16: 29, 64: 31, 128: 35), backward 22 (16: 27, 64: 30);
@@ -170,13 +171,19 @@ def forward_loop(gates, bias, w_hh_t, h, c, tanh_c) -> None:
 
 def backward_loop(gates, c, tanh_c, doutput, dh, dc, dgates, weights, grads, x, h_prev):
     r"""The backward time loop of one layer and direction, Eqs. (5)-(9) of :class:`~mnn.layers.LSTM`, in place,
-    then Eq. (10); returns $\partial L / \partial X$ ``(T, B, in)``.
+    then Eq. (10); returns $\partial L / \partial X$ ``(T, B, in)`` (``None`` for a ``TableLookup`` ``x``).
 
     The loop also sums each step's $\partial L / \partial a_t$ over its rows
     (the biases' gradient $\mathbf{1}^\top G$, in float64, while they are in
     cache). After it, $G^\top X$ and $G^\top H_{-1}$ ($G$ = ``dgates`` as
     ``(T B, 4H)``) are added into the weights' gradients by the product itself
     ($\beta = 1$: no temporary, no extra pass), and $G W_{ih}$ is numpy's.
+
+    When ``x`` is a :class:`~mnn.layers.input_projection.TableLookup` (layer 0
+    reading an embedding's ids), the loop sums the rows per id instead, into
+    $\partial L / \partial P = S^\top G$ ``(V, 4H)`` (Eq. 3 there), the bias's
+    sum being $\mathbf{1}_V^\top S^\top G$ (Eq. 6); $G^\top X$ and $G W_{ih}$
+    become the $V$-row products of Eqs. (4)-(5) there.
 
     Args:
         gates, c, tanh_c: the forward's cache (see :func:`forward_loop`).
@@ -185,18 +192,28 @@ def backward_loop(gates, c, tanh_c, doutput, dh, dc, dgates, weights, grads, x, 
         dgates: ``(T, B, 4H)``, written: $G$, $\partial L / \partial a_t$ of every step.
         weights: ``[W_ih, W_hh, b_ih, b_hh]`` (biases ``None`` without bias).
         grads: their gradients, accumulated into.
-        x: ``(T, B, in)``, the layer's input; h_prev: ``(T, B, H)``, $h_0, \dots, h_{T-1}$.
+        x: ``(T, B, in)``, the layer's input, or a ``TableLookup``; h_prev: ``(T, B, H)``, $h_0, \dots, h_{T-1}$.
     """
     (w_ih, w_hh, _, _), (dw_ih, dw_hh, db_ih, db_hh) = weights, grads
     T, B, n = x.shape
-    dbias = numpy.zeros(gates.shape[2], numpy.float64)
-    _backward_kernel(gates, c, tanh_c, doutput, dh, dc, dgates, _column_blocks(w_hh), dbias)
+    folded = isinstance(x, TableLookup)
+    # the rows of G are summed by group: one group (the bias's 1^T G), or one per id of the table (S^T G)
+    groups = numpy.ascontiguousarray(x.ids, dtype=numpy.intp) if folded else numpy.zeros((T, B), numpy.intp)
+    sums = numpy.zeros((x.rows if folded else 1, gates.shape[2]), numpy.float64)
+    _backward_kernel(gates, c, tanh_c, doutput, dh, dc, dgates, _column_blocks(w_hh), groups, sums)
     G = dgates.reshape(T * B, -1)
-    _weight_grads_kernel(G, numpy.ascontiguousarray(x).reshape(T * B, n), h_prev.reshape(T * B, -1), dw_ih, dw_hh)
+    _weight_grad_kernel(G, h_prev.reshape(T * B, -1), dw_hh)  # Eq. (10): dW_hh += G^T H_{-1}
+    if folded:
+        x.backward(sums.astype(dw_ih.dtype), w_ih, dw_ih)  # Eqs. (4), (5) of mnn.layers.input_projection
+        dx = None
+    else:
+        _weight_grad_kernel(G, numpy.ascontiguousarray(x).reshape(T * B, n), dw_ih)  # Eq. (10): dW_ih += G^T X
+        dx = (G @ w_ih).reshape(T, B, n)  # Eq. (10)
     if db_ih is not None:
-        db_ih += dbias.astype(db_ih.dtype)  # Eq. (10): 1^T G
+        dbias = sums.sum(axis=0)  # Eq. (10): 1^T G (Eq. 6 of mnn.layers.input_projection when folded)
+        db_ih += dbias.astype(db_ih.dtype)
         db_hh += dbias.astype(db_hh.dtype)
-    return (G @ w_ih).reshape(T, B, n)  # Eq. (10)
+    return dx
 
 
 def tanh_float32(x):
@@ -265,7 +282,7 @@ def _forward_kernel(gates, bias, w_blocks, h, c, tanh_c):
 
 
 @jit.kernel
-def _backward_kernel(gates, c, tanh_c, doutput, dh, dc, dgates, w_blocks, dbias):
+def _backward_kernel(gates, c, tanh_c, doutput, dh, dc, dgates, w_blocks, groups, sums):
     T, B, G = gates.shape
     H = G // 4
     blocks, _, width = w_blocks.shape
@@ -284,19 +301,18 @@ def _backward_kernel(gates, c, tanh_c, doutput, dh, dc, dgates, w_blocks, dbias)
                 df[j] = dcv * c_prev[j] * f[j] * (ONE - f[j])  # Eq. (7)
                 dg[j] = dcv * i[j] * (ONE - g[j] * g[j])  # Eq. (7)
                 dcb[j] = dcv * f[j]  # Eq. (8)
+            group = sums[groups[t, b]]
             for j in range(G):
-                dbias[j] += da[j]  # Eq. (10): 1^T G, row by row
+                group[j] += da[j]  # Eq. (10): 1^T G row by row, or S^T G (Eq. 3 of input_projection) per id
         for k in range(blocks):  # dh = dL/da_t W_hh, block by block: Eq. (9)
             _sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, B, width, G, ONE, dgates[t].ctypes.data, G,
                    w_blocks[k].ctypes.data, width, ZERO, dh[:, k * width:].ctypes.data, H)
 
 
 @jit.kernel
-def _weight_grads_kernel(dgates, x, h_prev, dw_ih, dw_hh):
+def _weight_grad_kernel(dgates, x, dw):
     rows, G = dgates.shape
-    n, H = x.shape[1], h_prev.shape[1]
-    # dW_ih += G^T X, dW_hh += G^T H_{-1}: Eq. (10), with beta = 1
+    n = x.shape[1]
+    # dW += G^T X (dW_ih, dW_hh): Eq. (10), with beta = 1
     _sgemm(ROW_MAJOR, TRANS, NO_TRANS, G, n, rows, ONE, dgates.ctypes.data, G, x.ctypes.data, n, ONE,
-           dw_ih.ctypes.data, n)
-    _sgemm(ROW_MAJOR, TRANS, NO_TRANS, G, H, rows, ONE, dgates.ctypes.data, G, h_prev.ctypes.data, H, ONE,
-           dw_hh.ctypes.data, H)
+           dw.ctypes.data, n)

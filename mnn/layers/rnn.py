@@ -37,6 +37,7 @@ import numpy
 
 from mnn.backend import default_dtype, xp
 from mnn.errors import ShapeError
+from mnn.layers.input_projection import TableLookup, accumulate_weight_grads, project_inputs
 from mnn.module import Module, check_output_grad
 
 
@@ -71,7 +72,10 @@ class RecurrentBase(Module):
     to $h_{t-1}$ at every step ($2TBGH^2$, the last giving
     $\partial L / \partial h_0$), then $\partial L / \partial W_{ih}$ and
     $\partial L / \partial X$ ($2TBnGH$ each) and $\partial L / \partial W_{hh}$
-    ($2TBGH^2$): $4TBGH(n + H)$, twice the forward.
+    ($2TBGH^2$): $4TBGH(n + H)$, twice the forward. These are the model's
+    products, as ``torch.nn``'s count them, also when layer 0 reads a
+    :class:`~mnn.layers.input_projection.TableLookup` and runs its input
+    products over the $V$ table rows instead of the $TB$ positions.
     """
 
     GATES = 1  # gate blocks stacked in each weight
@@ -133,7 +137,10 @@ class RecurrentBase(Module):
         r"""Run the stack over the sequence ``x``; returns ``(output, final state)``, as ``torch.nn``'s.
 
         Args:
-            x: ``(T, B, input_size)``, or ``(B, T, input_size)`` with ``batch_first``.
+            x: ``(T, B, input_size)``, or ``(B, T, input_size)`` with ``batch_first``; or a
+                :class:`~mnn.layers.input_projection.TableLookup` of ids of that shape (but
+                ``input_size``) into an embedding, which layer 0 folds into its input projection
+                (one direction only).
             state: the initial state: ``h0`` (RNN, GRU) or ``(h0, c0)`` (LSTM), each
                 ``(num_layers*D, B, H)``; ``None`` for zeros.
 
@@ -144,13 +151,20 @@ class RecurrentBase(Module):
 
         Raises:
             ShapeError: an input that is not 3-D, of the wrong feature size, or a state of the wrong shape.
+            ValueError: a ``TableLookup`` given to a bidirectional stack.
         """
         shape = tuple(getattr(x, "shape", ()))
         layout = "(B, T, input_size)" if self.batch_first else "(T, B, input_size)"
         if len(shape) != 3 or shape[-1] != self.input_size:
             raise ShapeError(f"{self!r}: expected a 3-D input {layout} with input_size {self.input_size}, "
                              f"got shape {shape}")
-        x = xp.ascontiguousarray(x.transpose(1, 0, 2) if self.batch_first else x)  # time-major (T, B, in)
+        if isinstance(x, TableLookup):  # layer 0 projects the table's rows (mnn.layers.input_projection)
+            if self.bidirectional:
+                raise ValueError(f"{self!r}: a TableLookup input folds into one direction only; "
+                                 "give a bidirectional stack the embedded rows")
+            x = x.swap_time_and_batch() if self.batch_first else x  # time-major ids (T, B)
+        else:
+            x = xp.ascontiguousarray(x.transpose(1, 0, 2) if self.batch_first else x)  # time-major (T, B, in)
         T, B, _ = x.shape
         dtype = x.dtype if xp.issubdtype(x.dtype, xp.floating) else default_dtype()
         state0 = self._initial_state(state, B, dtype)
@@ -190,7 +204,8 @@ class RecurrentBase(Module):
                 ``None`` when the final state was not used (zeros).
 
         Returns:
-            ``dx`` of the input's shape, and the gradient reaching the initial state,
+            ``dx`` of the input's shape (``None`` for a ``TableLookup`` input, whose gradient went
+            into the embedding's), and the gradient reaching the initial state,
             ``dh0`` or ``(dh0, dc0)`` shaped ``(num_layers*D, B, H)``. It is returned also
             when ``forward`` was given ``state=None``: it is then the gradient of those zeros
             (drop it).
@@ -213,14 +228,14 @@ class RecurrentBase(Module):
                 dout = xp.ascontiguousarray(dout if d == 0 else dout[::-1])
                 dx, ds0 = self._backward_direction(dout, [s[index] for s in dstateT], caches[index],
                                                    weights, [self.grads.get(n) for n in names])
-                dx = dx if d == 0 else dx[::-1]
+                dx = dx if d == 0 else dx[::-1]  # None from a TableLookup (one direction)
                 dinput = dx if dinput is None else dinput + dx  # both directions read the same input
                 for out, s in zip(dstate0, ds0):
                     out[index] = s
             if masks[k] is not None:
                 dinput = dinput * masks[k]
             dlayer = dinput
-        dx = dlayer.transpose(1, 0, 2) if self.batch_first else dlayer
+        dx = dlayer.transpose(1, 0, 2) if self.batch_first and dlayer is not None else dlayer
         return dx, (dstate0[0] if self.STATES == 1 else tuple(dstate0))
 
     def _final_state_grad(self, dstate, B: int, dtype) -> list:
@@ -298,44 +313,6 @@ class StepProduct:
         for j0, j1, block in self.blocks:
             xp.matmul(x, block, out=out[:, j0:j1])
         return out
-
-
-def project_inputs(x, w_ih, bias):
-    r"""All time steps' input projections as one matrix product: ``(T, B, in) -> (T, B, G*H)``.
-
-    $X W_{ih}^\top + b$ for the $T B$ rows at once (one GEMM instead of $T$);
-    ``bias`` is ``None`` or a ``(G*H,)`` vector.
-    """
-    T, B, n = x.shape
-    projected = (x.reshape(T * B, n) @ w_ih.T).reshape(T, B, -1)
-    if bias is not None:
-        projected += bias
-    return projected
-
-
-def accumulate_weight_grads(dpre_x, x, dpre_h, h_prev, weights, grads):
-    r"""The gradients summed over time, each one matrix product after the loop, and ``dx``.
-
-    ``dpre_x (T, B, G*H)``: $\partial L$ w.r.t. the input projections $x_t W_{ih}^\top + b_{ih}$;
-    ``dpre_h (T, B, G*H)``: w.r.t. the recurrent ones $h_{t-1} W_{hh}^\top + b_{hh}$ (the same
-    array for RNN and LSTM); ``h_prev (T, B, H)`` holds $h_0 \dots h_{T-1}$. As Linear's Eqs. (2)-(4)
-    with the $T B$ rows stacked:
-    $\partial L/\partial W_{ih} \mathrel{+}= \sum_t G_t^{x\top} x_t$,
-    $\partial L/\partial W_{hh} \mathrel{+}= \sum_t G_t^{h\top} h_{t-1}$, the biases the column sums,
-    $\partial L/\partial X = G^x W_{ih}$.
-    """
-    (w_ih, _, b_ih, _), (dw_ih, dw_hh, db_ih, db_hh) = weights, grads
-    T, B, n = x.shape
-    rows = w_ih.shape[0]
-    gx, gh = dpre_x.reshape(T * B, rows), dpre_h.reshape(T * B, rows)
-    dw_ih += gx.T @ x.reshape(T * B, n)
-    dw_hh += gh.T @ h_prev.reshape(T * B, -1)
-    if b_ih is not None:
-        ones = xp.ones(T * B, dtype=gx.dtype)
-        db = ones @ gx  # 1^T G: a matrix-vector product (see Linear)
-        db_ih += db
-        db_hh += db if gh is gx else ones @ gh
-    return (gx @ w_ih).reshape(T, B, n)
 
 
 class RNN(RecurrentBase):
