@@ -168,7 +168,7 @@ GPT_OPTIONS = [
     ("--weight-decay", non_negative_float, "AdamW weight decay on the matrices"),
     ("--dropout", probability, "dropout probability"),
     ("--seed", non_negative_int, "seed of the initial weights, batches and dropout"),
-    ("--replicas", positive_int, "slices of each batch trained at once, one thread each (see mnn.parallel)"),
+    ("--replicas", positive_int, "slices of each batch trained at once, one process (or thread) each: mnn.parallel"),
     ("--grad-accum", positive_int, "micro-batches added up into each iteration (per rank under mpiexec)"),
     ("--dtype", ["float32", "bf16", "fp16"], "precision of the matrix products, float32 weights (see mnn.precision)"),
 ]

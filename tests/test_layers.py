@@ -151,6 +151,28 @@ def test_linear_matches_torch():
     assert relative_error(layer.grads["bias"], ref.bias.grad) <= 1e-5
 
 
+@pytest.mark.parametrize("sgemm", [True, False], ids=["sgemm-beta-1", "numpy"])
+def test_linear_weight_gradient_accumulates_on_both_paths(sgemm, monkeypatch):
+    """``grad += dy.T @ x`` as one sgemm call (mnn.blas) or numpy's expression: the same sums, accumulated."""
+    from mnn import blas
+    from mnn.backend import xp
+
+    if sgemm and (blas.sgemm_address() is None or xp._module is not np):
+        pytest.skip("numpy's BLAS exports no ILP64 sgemm here, or the arrays are not numpy's")
+    if not sgemm:
+        monkeypatch.setattr(blas, "sgemm_address", lambda: None)
+    layer = Linear(160, 128, rng=np.random.default_rng(3))  # 20480 weights: over blas.MIN_SIZE
+    x, dy = normal((3, 4, 160), np.float32), normal((3, 4, 128), np.float32)
+    assert blas.can_accumulate(layer.grads["weight"], dy.reshape(-1, 128), x.reshape(-1, 160)) == sgemm
+    assert not blas.can_accumulate(np.zeros((5, 7), np.float32), dy[..., :5].reshape(-1, 5).copy(),
+                                   x[..., :7].reshape(-1, 7).copy())  # small: numpy's expression
+    expected = dy.reshape(-1, 128).astype(np.float64).T @ x.reshape(-1, 160).astype(np.float64)
+    for times in (1, 2):  # the second backward adds to the first
+        layer.forward(x)
+        layer.backward(dy)
+        assert relative_error(layer.grads["weight"], times * expected) <= 1e-6, times
+
+
 def test_matrix_product_matches_torch():
     q, p, dd = normal((2, 3, 4, 5), np.float32), normal((2, 3, 5, 6), np.float32), normal((2, 3, 4, 6), np.float32)
     layer = MatrixProduct()

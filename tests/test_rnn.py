@@ -302,14 +302,14 @@ def test_compiled_lstm_loops_equal_the_numpy_loops(hidden, batch, bias, bidirect
 
 def test_without_openblas_sgemm_the_lstm_takes_the_numpy_loops(monkeypatch):
     """Where no ILP64 sgemm is found (another BLAS), ``can_run`` is False and the reference loops run."""
-    from mnn import jit
+    from mnn import blas, jit
     from mnn.layers import lstm_compiled
 
     def refuse(*args):
         raise AssertionError("the compiled loops ran without sgemm")
 
     monkeypatch.setattr(lstm_compiled, "_ready", None)
-    monkeypatch.setattr(lstm_compiled, "_find_sgemm", lambda: None)
+    monkeypatch.setattr(blas, "sgemm_address", lambda: None)
     monkeypatch.setattr(lstm_compiled, "forward_loop", refuse)
     monkeypatch.setattr(lstm_compiled, "backward_loop", refuse)
     previous = jit.set_enabled(True)

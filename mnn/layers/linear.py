@@ -6,7 +6,7 @@ import math
 
 import numpy
 
-from mnn import precision
+from mnn import blas, precision
 from mnn.backend import default_dtype, xp
 from mnn.module import Module, check_input, check_output_grad
 
@@ -104,7 +104,10 @@ class Linear(Module):
             return self._backward_low(x, dy)
         x2 = x.reshape(-1, self.in_features)
         dy2 = dy.reshape(-1, self.out_features)
-        self.grads["weight"] += dy2.T @ x2  # Eq. (3)
+        if blas.can_accumulate(self.grads["weight"], dy2, x2):
+            blas.add_at_b(self.grads["weight"], dy2, x2)  # Eq. (3), added as the product forms (mnn.blas)
+        else:
+            self.grads["weight"] += dy2.T @ x2  # Eq. (3)
         if "bias" in self.params:
             self.grads["bias"] += xp.ones(dy2.shape[0], dtype=dy2.dtype) @ dy2  # Eq. (4): 1^T G
         if not self.input_grad:

@@ -44,13 +44,12 @@ gradient checks, a GPU, another BLAS) takes the numpy loops of
 
 from __future__ import annotations
 
-import ctypes
 import math
 import threading
 
 import numpy
 
-from mnn import jit
+from mnn import blas, jit
 from mnn.layers.input_projection import TableLookup
 
 # Columns of W_hh per sgemm call. Measured here (one thread, 2026-12, H 256, whole loops): at 6 rows
@@ -88,27 +87,6 @@ def _tanh_scalar(x):
     return t if x >= ZERO else (-t if x < ZERO else x)  # x NaN: neither branch, NaN out
 
 
-def _find_sgemm() -> int | None:
-    """The address of ``cblas_sgemm`` (ILP64) in the OpenBLAS numpy loaded, or ``None``."""
-    try:
-        from threadpoolctl import threadpool_info  # noqa: PLC0415 - a dependency of mnn
-
-        paths = [info["filepath"] for info in threadpool_info() if info.get("internal_api") == "openblas"]
-    except Exception:  # noqa: BLE001 - any failure to look means: use the numpy loops
-        return None
-    paths.sort(key=lambda path: "numpy" not in path)  # numpy's own first (torch may bring another)
-    for path in paths:
-        try:
-            library = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in ("scipy_cblas_sgemm64_", "cblas_sgemm64_"):  # 64-bit integers, as declared below
-            function = getattr(library, name, None)
-            if function is not None:
-                return ctypes.cast(function, ctypes.c_void_p).value
-    return None
-
-
 def can_run(*arrays) -> bool:
     """Whether the compiled loops take these arrays: :func:`mnn.jit.usable`, all float32, sgemm found."""
     global _ready
@@ -123,7 +101,7 @@ def can_run(*arrays) -> bool:
 def _bind() -> bool:
     """Make sgemm callable from the kernels and compile the ``tanh``; False (the numpy loops) where it cannot."""
     global _sgemm, _tanh
-    address = _find_sgemm()
+    address = blas.sgemm_address()
     if address is None:
         return False
     try:

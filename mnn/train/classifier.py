@@ -78,7 +78,7 @@ class CNNTrainConfig:
     out: str = "runs/cnn"
     checkpoint_interval: int = 0
     skip_nonfinite: bool = False
-    replicas: int = 2  # slices of each batch run at once in threads (mnn.parallel); BatchNorm sees each slice
+    replicas: int = 2  # batch slices run at once, in processes or threads (mnn.parallel); BatchNorm sees each slice
     grad_accum: int = 1
 
 

@@ -55,7 +55,7 @@ class LanguageModelTrainConfig:
     seed: int = 1337
     checkpoint_interval: int | None = None  # iterations between extra checkpoints (one is saved at every eval)
     skip_nonfinite: bool = False  # skip a step whose loss or gradient norm is NaN/inf instead of stopping
-    replicas: int = 2  # slices of each batch run at once in threads (mnn.parallel); 1 on a GPU
+    replicas: int = 2  # slices of each batch run at once, in processes or threads (mnn.parallel); 1 on a GPU
     grad_accum: int = 1  # micro-steps whose gradients add up to one step (nanoGPT's gradient_accumulation_steps)
     dtype: str = "float32"  # the matrix products' precision: float32, bf16 or fp16 (mnn.precision; weights stay float32)
 
