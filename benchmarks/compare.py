@@ -23,7 +23,11 @@ For every case of :mod:`benchmarks.cases`, in one run of this command:
    high-water mark of the resident set (``VmHWM``, reset through
    ``/proc/self/clear_refs``; ``ru_maxrss`` where that is not available) minus
    the resident set after the imports and the data, so it counts the model,
-   its gradients, the optimizer state, the activations and any workspace.
+   its gradients, the optimizer state, the activations and any workspace;
+   mnn's replicas in forked processes (:mod:`mnn.replica_process`) add the
+   memory only they hold after the steps (their private pages: activations,
+   their own compiled kernels, pages copied on write) above what they held at
+   the fork; what they share with the parent is counted once, in the parent;
 
 The machine is shared and noisy: the ratios are the figures, not the times.
 Writes ``benchmarks/results.json`` and ``benchmarks/results.png`` (or
@@ -218,6 +222,23 @@ def _reset_peak() -> bool:
     return _status_kb("VmHWM") is not None
 
 
+def _replica_pids(side) -> list[int]:
+    """The processes of mnn's replicas (``mnn.replica_process``) that ``side`` keeps, if any."""
+    return [worker._process.pid for kept in side.keep for worker in getattr(kept, "_workers", {}).values()]
+
+
+def _private_kb(pid) -> int:
+    """Memory only this process holds (``Private_Clean + Private_Dirty`` of ``smaps_rollup``), in kB."""
+    total = 0
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1])
+    except OSError:
+        pass
+    return total
+
+
 def probe_memory(case_name: str, framework: str, threads: int, steps: int, tokens: int) -> dict:
     """In this (fresh) process: peak resident memory of building ``framework``'s side and running ``steps`` steps.
 
@@ -247,11 +268,14 @@ def probe_memory(case_name: str, framework: str, threads: int, steps: int, token
         method = "ru_maxrss delta"
         baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     side = case.build(framework, state, data)
+    children = {pid: _private_kb(pid) for pid in _replica_pids(side)}  # at the fork: what they already held
     for _ in range(steps):
         side.step()
     peak_kb = _status_kb("VmHWM") if method.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children_kb = sum(max(0, _private_kb(pid) - before) for pid, before in children.items())
     del limiter
-    return {"peak_mb": (peak_kb - baseline_kb) / 1024.0, "import_mb": import_mb, "method": method}
+    return {"peak_mb": (peak_kb - baseline_kb + children_kb) / 1024.0, "import_mb": import_mb, "method": method,
+            "replica_processes_mb": children_kb / 1024.0}
 
 
 def measure_memory(jobs: list[tuple[str, str]], threads: int, steps: int, tokens: int,
@@ -459,11 +483,13 @@ def main(argv=None) -> dict:
         for case in cases:
             results["cases"][case.name]["peak_mb"] = {f: probes[(case.name, f)]["peak_mb"] for f in FRAMEWORKS}
             results["cases"][case.name]["import_mb"] = {f: probes[(case.name, f)]["import_mb"] for f in FRAMEWORKS}
+            results["cases"][case.name]["replica_processes_mb"] = probes[(case.name, "mnn")]["replica_processes_mb"]
         results["memory_method"] = (
             f"{probes[jobs[0]]['method']}: peak resident set of a fresh subprocess per framework per case, minus "
             "its resident set after the imports (PyTorch; numba for mnn's compiled loops), weights and data (so: "
-            "model, gradients, optimizer state, activations, workspace, compiled kernels); import_mb is what "
-            "importing the framework's runtime took")
+            "model, gradients, optimizer state, activations, workspace, compiled kernels), plus the private memory "
+            "(smaps_rollup) mnn's replica processes gained after their fork; import_mb is what importing the "
+            "framework's runtime took")
     results["bars"] = check_bars(results["cases"])
     results["machine"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     args.out.mkdir(parents=True, exist_ok=True)

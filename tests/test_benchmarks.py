@@ -91,6 +91,11 @@ def test_peak_memory_is_measured_for_both_frameworks(quick_run):
         # Importing PyTorch, or numba for mnn's compiled loops, is outside the peak and reported apart.
         assert case["import_mb"]["torch"] > 50, (name, case["import_mb"])
         assert (case["import_mb"]["mnn"] > 20) is case["mnn_jit"], (name, case["import_mb"])  # numba or nothing
+    # mnn's second replica of the language models and the CNN is a forked process: its memory is counted too
+    # (the quick run's --threads 1 still builds two replicas, as the training loops do)
+    for name in ("gpt_train", "cnn_train", "lstm_train_b12"):
+        assert results["cases"][name]["replica_processes_mb"] > 1, (name, results["cases"][name])
+    assert results["cases"]["mlp_train_b64"]["replica_processes_mb"] == 0  # one model, no replicas
 
 
 def test_machine_date_bars_and_chart(quick_run):
