@@ -56,14 +56,10 @@ def available() -> bool:
 
 
 def _generators(model) -> list:
-    """The distinct ``numpy.random.Generator`` objects the modules of ``model`` hold as ``.rng``, in module order."""
-    found, seen = [], set()
-    for _, module in model.named_modules():
-        rng = getattr(module, "rng", None)
-        if isinstance(rng, numpy.random.Generator) and id(rng) not in seen:
-            seen.add(id(rng))
-            found.append(rng)
-    return found
+    """The distinct random generators of ``model``'s modules (dropout), in the order a checkpoint names them."""
+    from mnn.io.checkpoint import model_generators  # noqa: PLC0415 - checkpoint imports training code
+
+    return list(model_generators(model).values())
 
 
 def _share(replica, model) -> tuple[mmap.mmap, list]:
