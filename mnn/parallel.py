@@ -12,8 +12,8 @@ Shakespeare config, batch 12, 2026-11-30): forward and backward 46 ms with
 OpenBLAS on two threads, 42 ms as two replicas (medians of six alternating
 runs; single runs varied from 31 to 62 ms on the shared machine).
 
-Replicas 1, 2, ... run in forked processes where they can (Linux and macOS,
-numpy arrays, not under MPI), in threads elsewhere: the threads' contention for
+Replicas 1, 2, ... run in forked processes where they can (Linux, numpy
+arrays, not under MPI), in threads elsewhere: the threads' contention for
 Python's global lock costs about 15% of a GPT step (:mod:`mnn.replica_process`
 has the measurement). Both compute the same bits.
 

@@ -34,6 +34,7 @@ import mmap
 import multiprocessing
 import os
 import signal
+import sys
 
 import numpy
 
@@ -45,12 +46,13 @@ _ALIGN = 64  # bytes: each array starts on a cache line
 
 
 def available() -> bool:
-    """Whether replicas can be processes here: ``fork`` exists (Linux, macOS) and MPI is not running.
+    """Whether replicas can be processes here: Linux (``fork``; on macOS system frameworks such as
+    Accelerate are not safe to use in a forked child) and MPI not running.
 
     Under ``mpiexec`` a fork after ``MPI_Init`` is unsafe for Open MPI's
     transports, so ranks keep their replicas in threads.
     """
-    if "fork" not in multiprocessing.get_all_start_methods():
+    if not sys.platform.startswith("linux") or "fork" not in multiprocessing.get_all_start_methods():
         return False
     return not any(key.startswith(("OMPI_COMM_WORLD", "PMI_RANK", "PMIX_RANK")) for key in os.environ)
 

@@ -143,3 +143,17 @@ def test_shape_errors_from_the_child_keep_their_type():
             parallel.forward_backward(np.concatenate([x, x], axis=1), np.concatenate([y, y], axis=1))
     finally:
         parallel.close()
+
+
+@pytest.mark.parametrize("platform, environment", [("darwin", {}), ("linux", {"OMPI_COMM_WORLD_SIZE": "2"})],
+                         ids=["macos", "under-mpiexec"])
+def test_threads_where_a_fork_is_unsafe(platform, environment, monkeypatch):
+    monkeypatch.setattr(replica_process.sys, "platform", platform)
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    assert not replica_process.available()
+    parallel = DataParallel(GPT(CONFIG, seed=5), CrossEntropyLoss(), 2)
+    try:
+        assert not parallel.processes and parallel._pool is not None
+    finally:
+        parallel.close()
