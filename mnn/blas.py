@@ -30,7 +30,7 @@ import threading
 
 import numpy
 
-from mnn.backend import xp
+from mnn.backend import on_cpu
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS enums
 _lookup = threading.Lock()
@@ -85,7 +85,7 @@ MIN_SIZE = 16384
 def can_accumulate(out, a, b) -> bool:
     """Whether :func:`add_at_b` takes these arrays: numpy float32, all C-contiguous, 2-D, an output of
     ``MIN_SIZE`` elements or more, sgemm found."""
-    return (out.size >= MIN_SIZE and xp._module is numpy and out.dtype == a.dtype == b.dtype == numpy.float32
+    return (out.size >= MIN_SIZE and on_cpu() and out.dtype == a.dtype == b.dtype == numpy.float32
             and out.ndim == a.ndim == b.ndim == 2 and out.flags.c_contiguous and a.flags.c_contiguous
             and b.flags.c_contiguous and out.shape == (a.shape[1], b.shape[1]) and a.shape[0] == b.shape[0]
             and sgemm_address() is not None)

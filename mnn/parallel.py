@@ -171,7 +171,7 @@ class DataParallel:
                 if k:
                     self._workers[k].submit("evaluate" if weight is None else "train", x, y, weight)
                     started.append(k)
-            if jobs[0][0] == 0:
+            if jobs and jobs[0][0] == 0:
                 with self._blas.limit(limits=1, user_api="blas"):
                     results[0] = self._run(*jobs[0])
         finally:

@@ -157,3 +157,12 @@ def test_threads_where_a_fork_is_unsafe(platform, environment, monkeypatch):
         assert not parallel.processes and parallel._pool is not None
     finally:
         parallel.close()
+
+
+def test_an_empty_batch_gives_no_loss_as_with_threads():
+    parallel = DataParallel(GPT(CONFIG, seed=5), CrossEntropyLoss(), 2, processes=True)
+    try:
+        x, y = tokens(0)
+        assert parallel.forward_backward(x, y) == 0.0
+    finally:
+        parallel.close()
