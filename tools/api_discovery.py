@@ -26,7 +26,7 @@ READING_ORDER = [
     "module",
     "layers", "layers.linear", "layers.activation", "layers.prelu", "layers.softmax", "layers.dropout", "layers.matmul",
     "layers.embedding", "layers.normalization", "layers.attention",
-    "layers.rnn", "layers.input_projection", "layers.lstm", "layers.lstm_compiled", "layers.gru",
+    "layers.rnn", "layers.input_projection", "layers.elman", "layers.lstm", "layers.lstm_compiled", "layers.gru",
     "losses",
     "optim", "optim.optimizer", "optim.sgd", "optim.adam", "optim.schedules",
     "models", "models.mlp", "models.gpt",

@@ -237,7 +237,7 @@ EXERCISES: list[Exercise] = [
              _pool(rng), (2,), {}, "AdaptiveAvgPool2d(2)"), "bins of uneven sizes"),
     Exercise("BatchNorm2d", L + "batchnorm", 3, "Batch normalisation", _batch_norm,
              "the gradient through the batch statistics"),
-    Exercise("RNN", L + "rnn", 2, "Recurrence", _recurrent("RNN", 1), "one tanh step, then through time",
+    Exercise("RNN", L + "elman", 2, "Recurrence", _recurrent("RNN", 1), "one tanh step, then through time",
              kind="recurrent", write=("_backward_direction",), extra={"locate": {"dx": _TIME}}),
     Exercise("LSTM", L + "lstm", 3, "Recurrence", _recurrent("LSTM", 2), "four gates, then backpropagation through "
              "time", kind="recurrent", write=("_backward_direction",),

@@ -2,7 +2,7 @@
 
 Read them in this order: ``linear`` (the exemplar), ``activation`` (and ``prelu``),
 ``softmax``, ``dropout``, ``matmul``, ``embedding``, ``normalization``,
-``attention``, ``rnn`` (then ``input_projection``, ``lstm``, ``gru``). Each file holds a family's
+``attention``, ``rnn`` (then ``input_projection``, ``elman``, ``lstm``, ``gru``). Each file holds a family's
 layers with their compiled loops (:mod:`mnn.jit`) beside them.
 """
 
@@ -20,7 +20,7 @@ from mnn.layers.matmul import MatrixProduct
 from mnn.layers.normalization import LayerNorm
 from mnn.layers.pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 from mnn.layers.prelu import PReLU
-from mnn.layers.rnn import RNN
+from mnn.layers.elman import RNN
 from mnn.layers.softmax import LogSoftmax, Softmax
 
 __all__ = ["ELU", "GELU", "GRU", "LSTM", "RNN", "AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm1d",
