@@ -3,8 +3,9 @@ r"""A replica of :class:`~mnn.parallel.DataParallel` in a process of its own, it
 Why a process. Replicas in threads share one interpreter, and every numpy
 call takes Python's global lock back when it returns. A GPT step makes a
 few thousand such calls per replica, and the lock hand-overs between two busy
-threads cost more than the Python they protect: measured on 2 cores (nanoGPT's
-CPU config, 6 windows a replica, 2026-12-01), one replica's forward and
+threads cost more than the Python they protect: measured on 2 cores of an
+Intel Xeon (numpy's OpenBLAS 0.3.31 on its SkylakeX kernel, one thread a
+replica; nanoGPT's CPU config, 6 windows a replica, 2026-12-01), one replica's forward and
 backward takes 19.6 ms alone, 20.1 ms beside the same work in another process,
 and 23.8 ms beside it in another thread. A forked process has its own lock.
 
