@@ -155,11 +155,11 @@ def _relative_iqr(values: list) -> float:
 
 
 def run_case(case, steps: int, warmup: int, threads: int, tokens: int, torch_malloc: str,
-             min_seconds: float = 0.0, drop=(), compile_side: bool = True) -> dict:
+             min_seconds: float = 0.0, drop=(), compile_side: bool = True, mnn_blas: str | None = None) -> dict:
     """Start one worker process per side of ``case``, check the first steps, time them; the case's result dict.
 
     ``drop``: environment variables the workers run without (:func:`benchmarks.kernel.benchmark_environment`);
-    ``compile_side``: include the case's ``extra_sides`` (``torch.compile``).
+    ``compile_side``: include the case's ``extra_sides`` (``torch.compile``); ``mnn_blas``: ``MNN_BLAS`` for mnn's.
     """
     names = SIDES + (case.extra_sides if compile_side else ())
     sides = {}
@@ -167,7 +167,7 @@ def run_case(case, steps: int, warmup: int, threads: int, tokens: int, torch_mal
         for name in names:
             sides[name] = Worker("benchmarks.compare", ["--worker", case.name, name, "--threads", str(threads),
                                                         "--tokens", str(tokens)],
-                                 side_environment(name, torch_malloc, drop))
+                                 side_environment(name, torch_malloc, drop, mnn_blas))
         first_loss = {name: sides[name].greeting["first_loss"] for name in names if name != "floor"}
         malloc = {name: sides[name].greeting["mnn_malloc_settings"] for name in names}
         blas = {name: sides[name].greeting["blas"] for name in names}
@@ -279,7 +279,7 @@ def probe_memory(case_name: str, framework: str, threads: int, steps: int, token
 
 
 def measure_memory(jobs: list[tuple[str, str]], threads: int, steps: int, tokens: int,
-                   torch_malloc: str = "default", drop=()) -> dict:
+                   torch_malloc: str = "default", drop=(), mnn_blas: str | None = None) -> dict:
     """Run :func:`probe_memory` for every ``(case, framework)`` in its own subprocess, two at a time.
 
     Memory, not time, is measured here, so the probes may overlap.
@@ -288,7 +288,7 @@ def measure_memory(jobs: list[tuple[str, str]], threads: int, steps: int, tokens
         command = [sys.executable, "-m", "benchmarks.compare", "--probe-memory", *job, "--threads", str(threads),
                    "--probe-steps", str(steps), "--tokens", str(tokens)]
         done = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent, check=False,
-                              env=environment(side_environment(job[1], torch_malloc, drop)))
+                              env=environment(side_environment(job[1], torch_malloc, drop, mnn_blas)))
         if done.returncode != 0:
             raise RuntimeError(f"memory probe {job} failed:\n{done.stderr}")
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -345,7 +345,7 @@ def check_bars(cases: dict) -> dict:
 
 def format_table(results: dict) -> str:
     machine = results["machine"]
-    lines = [f"{machine['cpu_model']}, {machine['threads']} thread(s); numpy: {kernel.describe(machine['blas'])}; "
+    lines = [f"{machine['cpu_model']}, {machine['threads']} thread(s); mnn: {kernel.describe(machine['blas'])}; "
              f"PyTorch: {kernel.describe(machine['torch_blas'])}"]
     lines.append(f"peak float32 matrix product: {machine['peak_sgemm_gflops']:.0f} GFLOP/s (numpy, 2048^3); "
                  "GF/s and MFU count the step's matrix products")
@@ -430,6 +430,9 @@ def main(argv=None) -> dict:
                         help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE as set (default: run without them when "
                              "they force a kernel other than the CPU's own)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile sides (their compiling)")
+    parser.add_argument("--mnn-blas", choices=["auto", "numpy", "mkl"], default="auto",
+                        help="mnn's BLAS (MNN_BLAS): auto takes MKL on an Intel CPU where it is installed, numpy's "
+                             "OpenBLAS elsewhere")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "SIDE"), help=argparse.SUPPRESS)
     parser.add_argument("--probe-memory", nargs=2, metavar=("CASE", "FRAMEWORK"), help=argparse.SUPPRESS)
     parser.add_argument("--probe-steps", type=int, default=3, help=argparse.SUPPRESS)
@@ -456,6 +459,8 @@ def main(argv=None) -> dict:
     drop, blas_environment = kernel.benchmark_environment(keep=args.keep_blas_env)
     if blas_environment["message"]:
         print(blas_environment["message"], file=sys.stderr, flush=True)
+    mnn_blas, why = kernel.mnn_library(args.mnn_blas)
+    print(f"mnn multiplies with {why}", file=sys.stderr, flush=True)
     peak = kernel.peak_sgemm(args.threads, environment(dict.fromkeys(drop)), *((512, 3) if args.quick else ()))
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "command": "python -m benchmarks.compare" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
@@ -464,7 +469,7 @@ def main(argv=None) -> dict:
     for case in cases:
         print(f"timing {case.name} ({steps} interleaved steps) ...", file=sys.stderr, flush=True)
         result = run_case(case, steps, warmup, args.threads, tokens, args.torch_malloc, min_seconds, drop,
-                          compile_side=not args.no_compile)
+                          compile_side=not args.no_compile, mnn_blas=mnn_blas)
         results["cases"][case.name] = result
         losses = result["first_loss"]
         if any(abs(losses["mnn"] - loss) > LOSS_RTOL * abs(loss) for loss in losses.values()):
@@ -472,14 +477,15 @@ def main(argv=None) -> dict:
     # What the workers multiplied with (the parent's numpy may run with a forced kernel the workers dropped).
     first = next(iter(results["cases"].values()))["blas"]
     results["machine"].update(blas=first["mnn"], torch_blas=first["torch"], blas_environment=blas_environment,
-                              peak_sgemm_gflops=peak)  # 2048^3 float32 products on numpy's BLAS, the threads above
+                              peak_sgemm_gflops=peak, mnn_blas={"library": mnn_blas, "why": why})  # 2048^3 float32 products on numpy's BLAS, the threads above
     for result in results["cases"].values():
         result["mfu"] = {name: rate / peak for name, rate in result["gflops"].items()}
     results["memory_method"] = None
     if not args.no_memory:
         print("peak memory (a fresh process per framework per case) ...", file=sys.stderr, flush=True)
         jobs = [(case.name, framework) for case in cases for framework in FRAMEWORKS]
-        probes = measure_memory(jobs, args.threads, 2 if args.quick else 3, tokens, args.torch_malloc, drop)
+        probes = measure_memory(jobs, args.threads, 2 if args.quick else 3, tokens, args.torch_malloc, drop,
+                                mnn_blas)
         for case in cases:
             results["cases"][case.name]["peak_mb"] = {f: probes[(case.name, f)]["peak_mb"] for f in FRAMEWORKS}
             results["cases"][case.name]["import_mb"] = {f: probes[(case.name, f)]["import_mb"] for f in FRAMEWORKS}

@@ -31,14 +31,54 @@ FORCING = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # the variables that overri
 
 
 def numpy_blas() -> list[dict]:
-    """numpy's BLAS as threadpoolctl sees it in this process: library, version, kernel, threads."""
+    """numpy's BLAS as threadpoolctl sees it in this process (library, version, kernel, threads), and MKL's
+    where mnn multiplies with it (:mod:`mnn.blas`)."""
     import numpy  # noqa: F401, PLC0415 - loads the BLAS threadpoolctl inspects
     from threadpoolctl import threadpool_info  # noqa: PLC0415
 
-    return [{"library": pool.get("internal_api"), "version": pool.get("version"),
-             "kernel": pool.get("architecture"), "threads": pool.get("num_threads"),
-             "file": Path(pool.get("filepath", "")).name}
-            for pool in threadpool_info() if pool.get("user_api") == "blas"]
+    from mnn import blas  # noqa: PLC0415
+
+    pools = [{"library": pool.get("internal_api"), "version": pool.get("version"),
+              "kernel": pool.get("architecture"), "threads": pool.get("num_threads"),
+              "file": Path(pool.get("filepath", "")).name}
+             for pool in threadpool_info() if pool.get("user_api") == "blas" and pool.get("internal_api") != "mkl"]
+    mkl = blas.mkl_version() if blas.library() == "mkl" else None
+    return pools + ([{**mkl, "used_for": "mnn's products on one thread (replicas)"}] if mkl else [])
+
+
+def cpu_vendor() -> str | None:
+    """``GenuineIntel``, ``AuthenticAMD``, ... from ``/proc/cpuinfo`` (None where there is none)."""
+    try:
+        found = re.search(r"^vendor_id\s*:\s*(\S+)", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return found.group(1) if found else None
+
+
+def mnn_library(choice: str = "auto", vendor: str | None = None, mkl_installed: bool | None = None) -> tuple[str, str]:
+    """The BLAS mnn's side multiplies with, and why: ``("mkl" | "numpy", reason)``.
+
+    ``auto`` takes the CPU maker's own kernel: Intel's MKL on an Intel CPU
+    where the ``mkl`` package is installed (the kernel PyTorch computes with
+    too), numpy's OpenBLAS on its own kernel everywhere else (AMD's EPYC
+    included, where OpenBLAS's SkylakeX kernel is the faster).
+    """
+    from mnn import blas  # noqa: PLC0415
+
+    vendor = cpu_vendor() if vendor is None else vendor
+    mkl_installed = blas.mkl_path() is not None if mkl_installed is None else mkl_installed
+    if choice == "numpy":
+        return "numpy", "numpy's OpenBLAS (--mnn-blas numpy)"
+    if choice == "mkl":
+        if not mkl_installed:
+            raise SystemExit("--mnn-blas mkl: MKL is not installed (pip install 'mnn[mkl]')")
+        return "mkl", "MKL (--mnn-blas mkl)"
+    if choice != "auto":
+        raise ValueError(f"mnn_library: choice must be 'auto', 'numpy' or 'mkl', got {choice!r}")
+    if vendor == "GenuineIntel" and mkl_installed:
+        return "mkl", "MKL on an Intel CPU (--mnn-blas auto; --mnn-blas numpy for numpy's OpenBLAS)"
+    why = "MKL is not installed" if vendor == "GenuineIntel" else f"the CPU is {vendor or 'unknown'}, not Intel"
+    return "numpy", f"numpy's OpenBLAS ({why}; --mnn-blas auto)"
 
 
 def torch_blas() -> dict:

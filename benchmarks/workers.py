@@ -33,14 +33,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def side_environment(framework: str, torch_malloc: str = "default", drop=()) -> dict:
+def side_environment(framework: str, torch_malloc: str = "default", drop=(), mnn_blas: str | None = None) -> dict:
     """Environment overrides for a worker of ``framework``; ``None`` removes a variable (``drop``: see
-    :func:`benchmarks.kernel.benchmark_environment`)."""
+    :func:`benchmarks.kernel.benchmark_environment`; ``mnn_blas``: ``MNN_BLAS`` for mnn's side, see
+    :func:`benchmarks.kernel.mnn_library`)."""
     if torch_malloc not in ("default", "mnn"):
         raise ValueError(f"torch_malloc must be 'default' or 'mnn', got {torch_malloc!r}")
     overrides = dict.fromkeys(drop)
     if framework == "torch" and torch_malloc == "default":
         overrides["MNN_RETAIN_FREED_MEMORY"] = "0"
+    if framework == "mnn" and mnn_blas is not None:
+        overrides["MNN_BLAS"] = mnn_blas
     return overrides
 
 

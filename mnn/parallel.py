@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 
-from mnn import replica_process
+from mnn import blas, replica_process
 from mnn.backend import read_scalar, xp
 from mnn.module import Module, no_grad
 
@@ -157,7 +157,7 @@ class DataParallel:
                 own[...] = theirs
         if self._pool is None or len(jobs) == 1:
             return {job[0]: self._run(*job) for job in jobs}
-        with self._blas.limit(limits=1, user_api="blas"):
+        with self._blas.limit(limits=1, user_api="blas"), blas.limit(1):
             futures = {job[0]: self._pool.submit(self._run, *job) for job in jobs[1:]}
             results = {jobs[0][0]: self._run(*jobs[0])}
             results.update((k, future.result()) for k, future in futures.items())
@@ -172,7 +172,7 @@ class DataParallel:
                     self._workers[k].submit("evaluate" if weight is None else "train", x, y, weight)
                     started.append(k)
             if jobs and jobs[0][0] == 0:
-                with self._blas.limit(limits=1, user_api="blas"):
+                with self._blas.limit(limits=1, user_api="blas"), blas.limit(1):
                     results[0] = self._run(*jobs[0])
         finally:
             for k in started:

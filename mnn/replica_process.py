@@ -39,7 +39,7 @@ import sys
 
 import numpy
 
-from mnn import jit, precision
+from mnn import blas, jit, precision
 from mnn.backend import read_scalar
 from mnn.module import no_grad
 
@@ -176,6 +176,7 @@ def _serve(conn, replica, loss_fn, grads, rngs) -> None:
     from threadpoolctl import threadpool_limits  # noqa: PLC0415
 
     threadpool_limits(limits=1, user_api="blas")  # one core per replica, as each thread has
+    blas.set_threads(1)  # and no split of MKL's products (mnn.blas)
     while True:
         try:
             message = conn.recv()

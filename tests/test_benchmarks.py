@@ -198,12 +198,31 @@ def test_every_figure_names_its_kernel_and_counts_its_flops(quick_run):
     assert "blas_environment" in machine
     for name, case in quick_run[2]["cases"].items():
         assert set(case["blas"]) == {"mnn", "torch", "floor"}
-        assert case["blas"]["mnn"] == case["blas"]["floor"]  # both multiply with numpy's BLAS
+        floor = case["blas"]["floor"]
+        assert case["blas"]["mnn"][:len(floor)] == floor  # both load numpy's BLAS; mnn's side may add MKL
+        added = [pool["library"] for pool in case["blas"]["mnn"][len(floor):]]  # once MKL multiplied
+        assert added in ([["mkl"], []] if machine["mnn_blas"]["library"] == "mkl" else [[]]), name
+        if name == "gpt_train":
+            assert added == (["mkl"] if machine["mnn_blas"]["library"] == "mkl" else [])
         assert case["matmul_flops_per_step"] > 0, name
         for side, ms in case["ms"].items():  # GFLOP/s is the floor's products over each side's time
             expected = case["matmul_flops_per_step"] / (ms * case["units_per_step"]) / 1e6
             assert case["gflops"][side] == pytest.approx(expected, rel=1e-9)
             assert case["mfu"][side] == pytest.approx(case["gflops"][side] / machine["peak_sgemm_gflops"], rel=1e-9)
+
+
+def test_mnn_takes_the_cpu_makers_kernel_unless_told():
+    """auto: MKL on an Intel CPU where it is installed, numpy's OpenBLAS on AMD or without MKL; a choice wins."""
+    assert kernel.mnn_library("auto", "GenuineIntel", True)[0] == "mkl"
+    assert kernel.mnn_library("auto", "AuthenticAMD", True) == (
+        "numpy", "numpy's OpenBLAS (the CPU is AuthenticAMD, not Intel; --mnn-blas auto)")
+    assert "MKL is not installed" in kernel.mnn_library("auto", "GenuineIntel", False)[1]
+    assert kernel.mnn_library("numpy", "GenuineIntel", True)[0] == "numpy"
+    assert kernel.mnn_library("mkl", "AuthenticAMD", True)[0] == "mkl"
+    with pytest.raises(SystemExit, match="MKL is not installed"):
+        kernel.mnn_library("mkl", "GenuineIntel", False)
+    assert side_environment("mnn", mnn_blas="mkl")["MNN_BLAS"] == "mkl"
+    assert "MNN_BLAS" not in side_environment("torch", mnn_blas="mkl")
 
 
 def test_the_floor_counts_two_flops_per_multiply_add():

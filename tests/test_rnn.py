@@ -309,7 +309,7 @@ def test_without_openblas_sgemm_the_lstm_takes_the_numpy_loops(monkeypatch):
         raise AssertionError("the compiled loops ran without sgemm")
 
     monkeypatch.setattr(lstm_compiled, "_ready", None)
-    monkeypatch.setattr(blas, "sgemm_address", lambda: None)
+    monkeypatch.setattr(blas, "sgemm_address", lambda *name: None)
     monkeypatch.setattr(lstm_compiled, "forward_loop", refuse)
     monkeypatch.setattr(lstm_compiled, "backward_loop", refuse)
     previous = jit.set_enabled(True)

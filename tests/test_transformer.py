@@ -176,6 +176,34 @@ def test_attention_gradcheck(causal, B, T, C, NH):
     mnn.gradcheck(layer, (randn(rng, (B, T, C)),), seed=2)
 
 
+@pytest.mark.parametrize("causal_block", [1, 2, 3])
+def test_attention_gradcheck_over_causal_blocks(causal_block):
+    """Eqs. (7)-(10): the products over the blocks on and below the diagonal, uneven last block included."""
+    rng = np.random.default_rng(16)
+    layer = MultiHeadAttention(6, 3, rng=rng, dtype=np.float64)
+    layer.causal_block = causal_block
+    assert layer.blocks(5) is not None and layer.blocks(5)[-1][1] == 5
+    mnn.gradcheck(layer, (randn(rng, (2, 5, 6)),), seed=4)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_causal_blocks_equal_the_full_products(dropout):
+    rng = np.random.default_rng(17)
+    layer = MultiHeadAttention(16, 2, dropout=dropout, rng=rng, dtype=np.float64)
+    x, dy = randn(rng, (3, 11, 16)), randn(rng, (3, 11, 16))
+    results = []
+    for block in (64, 4):  # one block (MatrixProduct's full products), then three
+        layer.causal_block = block
+        layer.attn_dropout.rng, layer.resid_dropout.rng = np.random.default_rng(1), np.random.default_rng(2)
+        y = layer.forward(x)
+        assert (layer.cache[2] is None) == (block == 64)
+        dx = layer.backward(dy)
+        results.append([y, dx] + [grad.copy() for _, grad in layer.named_grads()])
+        layer.zero_grad()
+    for full, blocked in zip(*results):
+        assert rel(blocked, full) <= 1e-13
+
+
 def test_attention_gradcheck_with_dropout():
     rng = np.random.default_rng(7)
     layer = MultiHeadAttention(8, 2, dropout=0.3, rng=rng, dtype=np.float64)
@@ -193,10 +221,11 @@ def test_attention_gradcheck_with_dropout():
 
 
 @pytest.mark.parametrize("np_dtype, torch_dtype, tol", DTYPES)
-@pytest.mark.parametrize("causal", [True, False])
-def test_attention_matches_pytorch(np_dtype, torch_dtype, tol, causal):
+@pytest.mark.parametrize("causal, causal_block", [(True, 64), (True, 4), (False, 4)])
+def test_attention_matches_pytorch(np_dtype, torch_dtype, tol, causal, causal_block):
     rng = np.random.default_rng(8)
     layer = MultiHeadAttention(32, 4, causal=causal, rng=rng, dtype=np_dtype)
+    layer.causal_block = causal_block  # 4: Eqs. (7)-(10) over three blocks of T = 10 when causal
     x, dy = randn(rng, (3, 10, 32), np_dtype), randn(rng, (3, 10, 32), np_dtype)
     y = layer.forward(x)
     dx = layer.backward(dy)

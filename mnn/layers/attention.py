@@ -10,12 +10,16 @@ import math
 
 import numpy
 
+from mnn import blas, precision
 from mnn.backend import default_dtype, xp
 from mnn.layers.dropout import Dropout
 from mnn.layers.linear import Linear
 from mnn.layers.matmul import MatrixProduct
 from mnn.layers.softmax import Softmax
 from mnn.module import Module, check_input, check_output_grad, no_grad
+
+
+CAUSAL_BLOCK = 64  # query rows per block of the causal products (Eqs. 7-10)
 
 
 class MultiHeadAttention(Module):
@@ -90,6 +94,42 @@ class MultiHeadAttention(Module):
     $\Pi^\top g$ is the inverse permutation: the three head gradients are
     written back side by side into one ``(B, T, 3C)`` array for ``c_attn``.
 
+    Causal blocks. Cut the $T$ positions into blocks $I_1, I_2, \dots$ of
+    $b$ consecutive rows (``causal_block``, 64), and write $J_r = \{1, \dots,
+    \max I_r\}$ for the keys up to the end of block $r$. Query $i \in I_r$
+    sees no key $j > \max I_r$, so every score block right of $J_r$ is
+    $-\infty$ after the mask and every weight there is exactly 0. With
+    causal masking and $T > b$ the products skip those blocks. Forward, for
+    each block $r$:
+
+    $$
+    S_{I_r, J_r} = (sQ)_{I_r}\, K_{J_r}^\top, \qquad S_{I_r, j} = 0 \ \ (j > \max I_r,\ \text{masked in (2)}), \tag{7}
+    $$
+
+    $$
+    Y_{I_r} = A_{I_r, J_r}\, V_{J_r} \quad (A_{ij} = 0 \text{ for the other } j). \tag{8}
+    $$
+
+    Backward: (4) and (6) restricted to the same blocks. $\bar P$ is needed
+    only where $P \neq 0$, since (5) multiplies it by $P$; the key side sums
+    over the rows that can see block $c$, the rows $i \ge \min I_c$:
+
+    $$
+    \bar P_{I_r, J_r} = G_{I_r} V_{J_r}^\top, \quad \bar P_{I_r, j} = 0 \ (j > \max I_r), \qquad
+    \frac{\partial L}{\partial V_{I_c}} = A_{i \ge \min I_c,\, I_c}^\top\, G_{i \ge \min I_c}, \tag{9}
+    $$
+
+    $$
+    \frac{\partial L}{\partial Q_{I_r}} = s\, \bar S_{I_r, J_r} K_{J_r}, \qquad
+    \frac{\partial L}{\partial K_{I_c}} = \bar S_{i \ge \min I_c,\, I_c}^\top\, (sQ)_{i \ge \min I_c}. \tag{10}
+    $$
+
+    The terms left out are products with zeros, so (7)-(10) give the
+    gradients of (4)-(6). With $m = T / b$ blocks the products do
+    $(m + 1) / 2m$ of the full work: 5/8 at $T = 256$. Measured on 2 cores of
+    an Intel Xeon (2026-12-01, one replica thread, nanoGPT's GPU config at B 4):
+    see the README's benchmark.
+
     Args:
         n_embd: $C$.
         n_head: $NH$; must divide $C$.
@@ -105,8 +145,9 @@ class MultiHeadAttention(Module):
     FLOPs (matrix products, counted by the sub-layers): ``c_attn`` $6BTC^2$ and
     ``c_proj`` $2BTC^2$ forward (:class:`~mnn.layers.Linear`); the full
     $T \times T$ products $QK^\top$ of (2) and $AV$ of (3), $2BT^2C$ each
-    forward (all $NH$ heads; the masked entries are computed too); backward
-    twice the forward: (4) and (6) are $4BT^2C$ each.
+    forward (all $NH$ heads; the model's count, as FLOP counters count it,
+    though the causal blocks (7)-(10) leave out about half of them for
+    $T > b$); backward twice the forward: (4) and (6) are $4BT^2C$ each.
     """
 
     def __init__(self, n_embd: int, n_head: int, causal: bool = True, dropout: float = 0.0,
@@ -126,6 +167,7 @@ class MultiHeadAttention(Module):
         self.c_proj = Linear(n_embd, n_embd, bias=bias, rng=rng, dtype=dtype)
         self.resid_dropout = Dropout(dropout, rng=rng)
         self._masks: dict = {}
+        self.causal_block = CAUSAL_BLOCK
 
     def causal_mask(self, T: int, T_keys: int | None = None, dtype=None):
         r"""The additive mask ``(T, T_keys)``: 0 where query $i$ may see key $j$, $-\infty$ where not.
@@ -159,28 +201,51 @@ class MultiHeadAttention(Module):
         """``(B*T, 3C)`` -> three views ``(B, NH, T, hs)`` (strided, no copy)."""
         return qkv.reshape(B, T, 3, self.n_head, self.head_size).transpose(2, 0, 3, 1, 4)
 
+    def blocks(self, T: int) -> list | None:
+        """The row blocks ``[(r0, r1), ...]`` of Eqs. (7)-(10) for ``T`` positions, or ``None`` for the full products
+        (full attention, one block only, or bf16/fp16, whose rounded products are :class:`MatrixProduct`'s)."""
+        if not self.causal or T <= self.causal_block or precision.active():
+            return None
+        return [(r0, min(r0 + self.causal_block, T)) for r0 in range(0, T, self.causal_block)]
+
     def forward(self, x):
         check_input(self, x, last_dim=self.n_embd, ndim=3)
         B, T, C = x.shape
         qkv = self.c_attn.forward(x.reshape(B * T, C))  # Eq. (1)
-        q, k, v = self.split_heads(qkv, B, T)
+        blocks = self.blocks(T)
+        q, k, v = self.split_heads(qkv, B, T) if blocks is None else xp.ascontiguousarray(self.split_heads(qkv, B, T))
         q *= self.scale  # Eq. (2): s Q, in place in c_attn's fresh output (c_attn keeps its input, not this)
-        scores = self.scores.forward(q, xp.swapaxes(k, -1, -2))  # Eq. (2): S = (sQ) K^T
+        if blocks is None:
+            scores = self.scores.forward(q, xp.swapaxes(k, -1, -2))  # Eq. (2): S = (sQ) K^T
+        else:  # heads as one contiguous stack, so that each block is one batched product
+            scores = xp.empty((B, self.n_head, T, T), dtype=q.dtype)
+            for r0, r1 in blocks:
+                blas.matmul(q[..., r0:r1, :], xp.swapaxes(k[..., :r1, :], -1, -2), out=scores[..., r0:r1, :r1])  # (7)
+                scores[..., r0:r1, r1:] = 0  # Eq. (7): masked below, so any finite number
         mask = self.causal_mask(T, dtype=scores.dtype) if self.causal else None  # Eq. (2): -inf above the diagonal
         probs = self.softmax.forward(scores, mask, self.own_scores(scores), out=scores)  # Eq. (3), in place
         probs = self.attn_dropout.forward(probs)  # Eq. (3)
         y = xp.empty((B, T, C), dtype=probs.dtype)  # the heads side by side: Y_all
-        self.weighted_sum.forward(probs, v, out=self.merge_view(y))  # Eq. (3): Y = A V, written merged
+        if blocks is None:
+            self.weighted_sum.forward(probs, v, out=self.merge_view(y))  # Eq. (3): Y = A V, written merged
+            self.cache = (B, T, None)
+        else:
+            heads = xp.empty_like(v)
+            for r0, r1 in blocks:
+                blas.matmul(probs[..., r0:r1, :r1], v[..., :r1, :], out=heads[..., r0:r1, :])  # Eq. (8)
+            self.merge_view(y)[...] = heads
+            self.cache = (B, T, (blocks, q, k, v, probs))
         out = self.resid_dropout.forward(self.c_proj.forward(y.reshape(B * T, C)))
-        self.cache = (B, T)
         return out.reshape(B, T, C)
 
     def backward(self, dy):
-        B, T = self.pop_cache()
+        B, T, blocked = self.pop_cache()
         C, NH, hs = self.n_embd, self.n_head, self.head_size
         check_output_grad(self, dy, (B, T, C))
         dy = self.c_proj.backward(self.resid_dropout.backward(dy.reshape(B * T, C)))
         dy = self.merge_view(dy.reshape(B, T, C))  # un-merge heads: a strided view
+        if blocked is not None:
+            return self._backward_blocks(dy, *blocked)
         dprobs, dv = self.weighted_sum.backward(dy)  # Eq. (4)
         dscores = self.softmax.backward(self.attn_dropout.backward(dprobs))  # Eq. (5)
         dq_scaled, dk_transposed = self.scores.backward(dscores)  # Eq. (6) before the factor s
@@ -190,6 +255,25 @@ class MultiHeadAttention(Module):
         dk[...] = xp.swapaxes(dk_transposed, -1, -2)  # Eq. (6): dK = s dS^T Q (s is inside sQ)
         dv_slot[...] = dv  # Eq. (4)
         return self.c_attn.backward(dqkv.reshape(B * T, 3 * C)).reshape(B, T, C)
+
+    def _backward_blocks(self, g, blocks, q, k, v, probs):
+        """Eqs. (9)-(10), then (5), for the blocked forward: every product over the blocks on or below the diagonal."""
+        B, NH, T, hs = q.shape
+        g = xp.ascontiguousarray(g)  # heads as one contiguous stack (see forward)
+        dprobs = xp.empty((B, NH, T, T), dtype=g.dtype)
+        dq, dk, dv = dheads = xp.empty((3, B, NH, T, hs), dtype=g.dtype)
+        for r0, r1 in blocks:
+            blas.matmul(g[..., r0:r1, :], xp.swapaxes(v[..., :r1, :], -1, -2), out=dprobs[..., r0:r1, :r1])  # (9)
+            dprobs[..., r0:r1, r1:] = 0  # Eq. (9): multiplied by P = 0 in (5); zero, so that no garbage is a NaN
+            blas.matmul(xp.swapaxes(probs[..., r0:, r0:r1], -1, -2), g[..., r0:, :], out=dv[..., r0:r1, :])  # (9)
+        dscores = self.softmax.backward(self.attn_dropout.backward(dprobs))  # Eq. (5)
+        for r0, r1 in blocks:
+            blas.matmul(dscores[..., r0:r1, :r1], k[..., :r1, :], out=dq[..., r0:r1, :])  # Eq. (10): S-bar K
+            blas.matmul(xp.swapaxes(dscores[..., r0:, r0:r1], -1, -2), q[..., r0:, :], out=dk[..., r0:r1, :])  # (10)
+        dq *= self.scale  # Eq. (10): dQ = s (S-bar K); dK = S-bar^T (sQ) has its s already
+        dqkv = xp.empty((B * T, 3 * self.n_embd), dtype=g.dtype)
+        self.split_heads(dqkv, B, T)[...] = dheads  # the heads side by side again, for c_attn
+        return self.c_attn.backward(dqkv).reshape(B, T, self.n_embd)
 
     @no_grad()
     def forward_cached(self, x, past=None):

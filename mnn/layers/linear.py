@@ -92,7 +92,7 @@ class Linear(Module):
         if precision.active():
             return self._forward_low(x)
         self.cache = x
-        y = x @ self.params["weight"].T  # Eq. (1)
+        y = blas.matmul(x, self.params["weight"].T)  # Eq. (1) (numpy's @, or MKL: mnn.blas)
         if "bias" in self.params:
             y += self.params["bias"]  # Eq. (1)
         return y
@@ -112,7 +112,7 @@ class Linear(Module):
             self.grads["bias"] += xp.ones(dy2.shape[0], dtype=dy2.dtype) @ dy2  # Eq. (4): 1^T G
         if not self.input_grad:
             return None
-        return dy @ self.params["weight"]  # Eq. (2)
+        return blas.matmul(dy, self.params["weight"])  # Eq. (2)
 
     def _forward_low(self, x):
         """Eq. (1) in bf16/fp16 (:mod:`mnn.precision`): rounded operands, float32 sums, the output rounded; the

@@ -101,7 +101,7 @@ def can_run(*arrays) -> bool:
 def _bind() -> bool:
     """Make sgemm callable from the kernels and compile the ``tanh``; False (the numpy loops) where it cannot."""
     global _sgemm, _tanh
-    address = blas.sgemm_address()
+    address = blas.sgemm_address(blas.library())  # numpy's OpenBLAS, or MKL where chosen (mnn.blas)
     if address is None:
         return False
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from mnn import precision
+from mnn import blas, precision
 from mnn.backend import xp
 from mnn.errors import ShapeError
 from mnn.module import Module, check_output_grad
@@ -85,7 +85,7 @@ class MatrixProduct(Module):
             self.cache = (q, p)
             return precision.matmul(q, p, out=out)  # Eq. (1)
         self.cache = (q, p)
-        return xp.matmul(q, p, out=out)  # Eq. (1)
+        return blas.matmul(q, p, out=out)  # Eq. (1) (numpy's matmul, or MKL: mnn.blas)
 
     def backward(self, dd):
         q, p = self.pop_cache()
@@ -95,8 +95,8 @@ class MatrixProduct(Module):
             q, p = precision.load(q), precision.load(p)
             return (precision.rounded(dd @ xp.swapaxes(p, -1, -2)),  # Eq. (2)
                     precision.rounded(xp.swapaxes(q, -1, -2) @ dd))  # Eq. (3)
-        dq = dd @ xp.swapaxes(p, -1, -2)  # Eq. (2)
-        dp = xp.swapaxes(q, -1, -2) @ dd  # Eq. (3)
+        dq = blas.matmul(dd, xp.swapaxes(p, -1, -2))  # Eq. (2)
+        dp = blas.matmul(xp.swapaxes(q, -1, -2), dd)  # Eq. (3)
         return dq, dp
 
     def flops(self, q_shape, p_shape) -> tuple[int, int]:
