@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 
-from mnn import blas, replica_process
+from mnn import blas, replica_process, threads
 from mnn.backend import read_scalar, xp
 from mnn.module import Module, no_grad
 
@@ -200,8 +200,9 @@ class DataParallel:
         losses = self._map(shards, lambda n: scale * n / rows)  # Eq. (1): upstream gradient N_k / N
         for k in sorted(losses):
             if k:
-                for total, part in zip(self._grads[0], self._grads[k]):
-                    total += part  # Eq. (1): the sum over replicas, in replica order
+                pairs = list(zip(self._grads[0], self._grads[k]))
+                threads.for_each(lambda pair: xp.add(pair[0], pair[1], out=pair[0]), pairs,
+                                 [total.size for total, _ in pairs])  # Eq. (1): the sum over replicas, in order
         return float(sum(losses[k] * len(shards[k][0]) / rows * scale for k in sorted(losses)))  # Eq. (1)
 
     @no_grad()

@@ -31,6 +31,7 @@ import math
 
 import numpy
 
+from mnn import threads
 from mnn.backend import to_numpy, xp
 from mnn.errors import ShapeError
 from mnn.module import Module, check_state
@@ -137,14 +138,15 @@ class Optimizer:
     def step(self) -> None:
         """Apply one update to every parameter, from the gradients accumulated so far."""
         self.step_count += 1
-        for group in self.groups:
-            for name, param, grad in group["params"]:
-                self.update(group, param, grad, self.state[name], self._scratch[name])
+        work = [(group, name, param, grad) for group in self.groups for name, param, grad in group["params"]]
+        threads.for_each(lambda item: self.update(item[0], item[2], item[3], self.state[item[1]],
+                                                  self._scratch[item[1]]),
+                         work, [item[2].size for item in work])  # each parameter's update is its own
 
     def zero_grad(self) -> None:
         """Set every gradient array this optimizer updates from to zero, in place."""
-        for _, _, grad in _all_triples(self.groups):
-            grad.fill(0)
+        grads = [grad for _, _, grad in _all_triples(self.groups)]
+        threads.for_each(lambda grad: grad.fill(0), grads, [grad.size for grad in grads])
 
     @property
     def lr(self) -> float:
@@ -302,6 +304,6 @@ def clip_grad_norm(grads, max_norm: float) -> float:
         return total_norm
     coefficient = float(max_norm) / (total_norm + 1e-6)  # Eq. (2)
     if coefficient < 1.0:
-        for grad in arrays:
-            grad *= coefficient  # Eq. (2)
+        threads.for_each(lambda grad: xp.multiply(grad, coefficient, out=grad), arrays,
+                         [grad.size for grad in arrays])  # Eq. (2)
     return total_norm
