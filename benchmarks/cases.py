@@ -109,10 +109,36 @@ def gpt_gemms(B: int, T: int, backward: bool, keys: int | None = None, config: d
 
 
 def floor_side(products: list) -> Side:
+    """The products one after the other on numpy's BLAS threads; with MKL (:mod:`mnn.blas`), which mnn runs one
+    thread per replica, every other product in a second thread, each product on one thread."""
+    from mnn import blas  # noqa: PLC0415
+
     def step():
         for a, b, out in products:
             numpy.matmul(a, b, out=out)
         return None
+
+    if blas.library() == "mkl" and blas.threads() > 1:
+        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+        from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+        count = blas.threads()
+        pool = ThreadPoolExecutor(count - 1)
+        threadpool_limits(1)  # numpy's own products (the small ones) on one thread per product too
+
+        def run(part):
+            for a, b, out in part:
+                blas.matmul(a, b, out=out)
+
+        def step():  # noqa: F811 - MKL's version of the floor
+            with blas.limit(1):
+                parts = [products[i::count] for i in range(count)]
+                futures = [pool.submit(run, part) for part in parts[1:]]
+                run(parts[0])
+                for future in futures:
+                    future.result()
+            return None
 
     flops = sum(2.0 * out.size * a.shape[-1] for a, _, out in products)  # a multiply and an add per term
     return Side(step, None, [products], flops)

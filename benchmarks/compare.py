@@ -347,7 +347,7 @@ def format_table(results: dict) -> str:
     machine = results["machine"]
     lines = [f"{machine['cpu_model']}, {machine['threads']} thread(s); mnn: {kernel.describe(machine['blas'])}; "
              f"PyTorch: {kernel.describe(machine['torch_blas'])}"]
-    lines.append(f"peak float32 matrix product: {machine['peak_sgemm_gflops']:.0f} GFLOP/s (numpy, 2048^3); "
+    lines.append(f"peak float32 matrix product: {machine['peak_sgemm_gflops']:.0f} GFLOP/s (mnn's BLAS, 2048^3); "
                  "GF/s and MFU count the step's matrix products")
     header = (f"{'case':<24} {'unit':>5} {'mnn ms':>9} {'torch ms':>9} {'floor ms':>9} "
               f"{'mnn/torch':>9} {'mnn/floor':>9} {'torch/floor':>11} {'mnn MB':>7} {'torch MB':>8} "
@@ -461,7 +461,8 @@ def main(argv=None) -> dict:
         print(blas_environment["message"], file=sys.stderr, flush=True)
     mnn_blas, why = kernel.mnn_library(args.mnn_blas)
     print(f"mnn multiplies with {why}", file=sys.stderr, flush=True)
-    peak = kernel.peak_sgemm(args.threads, environment(dict.fromkeys(drop)), *((512, 3) if args.quick else ()))
+    peak = kernel.peak_sgemm(args.threads, environment({**dict.fromkeys(drop), "MNN_BLAS": mnn_blas}),
+                             *((512, 3) if args.quick else ()))
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "command": "python -m benchmarks.compare" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
                "quick": args.quick, "machine": machine_info(args.threads), "torch_malloc": args.torch_malloc,

@@ -156,15 +156,17 @@ def serve_side(side: str, config: GPTTrainConfig, threads: int, block: int) -> N
     turns = Turns(channel, block)
     turns.go()
     result = (run_torch if side == "torch" else run_mnn)(config, turns)
-    turns.report(config.max_iters, {**result, "mnn_malloc_settings": MALLOC_RETAINS_FREED_MEMORY})
+    turns.report(config.max_iters, {**result, "mnn_malloc_settings": MALLOC_RETAINS_FREED_MEMORY,
+                                    "blas_at_end": kernel.torch_blas() if side == "torch" else kernel.numpy_blas()})
     del limiter
 
 
 def run_in_turns(config_args: list[str], threads: int, block: int, order: list[str], torch_malloc: str,
-                 drop=()) -> dict:
+                 drop=(), mnn_blas: str | None = None) -> dict:
     """Both sides in worker processes, block by block in turns; ``{side: result}`` with summed ``seconds``.
 
-    ``drop``: environment variables the workers run without (:func:`benchmarks.kernel.benchmark_environment`).
+    ``drop``: environment variables the workers run without (:func:`benchmarks.kernel.benchmark_environment`);
+    ``mnn_blas``: ``MNN_BLAS`` for mnn's worker (:func:`benchmarks.kernel.mnn_library`).
     """
     workers, runs = {}, {}
     turns = {side: [] for side in order}  # seconds of each turn, in order: where the two sides differ
@@ -172,7 +174,7 @@ def run_in_turns(config_args: list[str], threads: int, block: int, order: list[s
         for side in order:
             workers[side] = Worker("benchmarks.recipe", ["--side", side, "--threads", str(threads),
                                                          "--block", str(block), *config_args],
-                                   side_environment(side, torch_malloc, drop))
+                                   side_environment(side, torch_malloc, drop, mnn_blas))
 
         def run_block(side: str) -> bool:
             time.sleep(SETTLE_SECONDS)
@@ -181,7 +183,7 @@ def run_in_turns(config_args: list[str], threads: int, block: int, order: list[s
             if reply["result"] is None:
                 return False
             runs[side] = {**reply["result"], "seconds": sum(turns[side]), "turn_seconds": turns[side],
-                          "blas": workers[side].greeting["blas"]}
+                          "blas": reply["result"].pop("blas_at_end")}  # what it multiplied with (MKL once used)
             print(f"{side}: {runs[side]['seconds']:.1f} s, best val {runs[side]['best_val']:.4f}", flush=True)
             return True
 
@@ -221,6 +223,8 @@ def main(argv=None) -> dict:
                              "asks what mnn reaches in PyTorch's wall time")
     parser.add_argument("--keep-blas-env", action="store_true",
                         help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE as set (see benchmarks.kernel)")
+    parser.add_argument("--mnn-blas", choices=["auto", "numpy", "mkl"], default="auto",
+                        help="mnn's BLAS (MNN_BLAS): auto takes MKL on an Intel CPU where it is installed")
     parser.add_argument("--side", choices=["mnn", "torch"], help=argparse.SUPPRESS)  # one side, in a worker process
     args = parser.parse_args(argv)
     shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -247,7 +251,9 @@ def main(argv=None) -> dict:
     drop, blas_environment = kernel.benchmark_environment(keep=args.keep_blas_env)
     if blas_environment["message"]:
         print(blas_environment["message"], flush=True)
-    runs = run_in_turns(config_args, args.threads, args.block, order, args.torch_malloc, drop)
+    mnn_blas, why = kernel.mnn_library(args.mnn_blas)
+    print(f"mnn multiplies with {why}", flush=True)
+    runs = run_in_turns(config_args, args.threads, args.block, order, args.torch_malloc, drop, mnn_blas)
     report = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": "python -m benchmarks.recipe" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
@@ -256,6 +262,7 @@ def main(argv=None) -> dict:
         "torch_malloc": args.torch_malloc,
         "threads": args.threads, "cores": __import__("os").cpu_count(), "cpu_model": kernel.cpu_model(),
         "blas_environment": blas_environment,
+        "mnn_blas": {"library": mnn_blas, "why": why},
         "numpy": numpy.__version__, "torch": torch.__version__,
         "config": asdict(config),
         "mnn_preset": args.mnn_preset,

@@ -42,7 +42,7 @@ def side_environment(framework: str, torch_malloc: str = "default", drop=(), mnn
     overrides = dict.fromkeys(drop)
     if framework == "torch" and torch_malloc == "default":
         overrides["MNN_RETAIN_FREED_MEMORY"] = "0"
-    if framework == "mnn" and mnn_blas is not None:
+    if framework in ("mnn", "floor") and mnn_blas is not None:  # the floor multiplies as mnn does
         overrides["MNN_BLAS"] = mnn_blas
     return overrides
 

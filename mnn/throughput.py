@@ -68,13 +68,26 @@ def cpu_model() -> str:
 
 
 def machine_key() -> str:
-    """What the peak rate depends on: ``host | CPU | BLAS library version kernel | threads``."""
+    """What the peak rate depends on: ``host | CPU | BLAS library version kernel | threads`` (and ``| mkl``
+    where mnn's products run on MKL, :mod:`mnn.blas`)."""
+    from mnn import blas as products  # noqa: PLC0415
+
     b = blas()
-    return f"{platform.node()} | {cpu_model()} | {b['library']} {b['version']} {b['kernel']} | {b['threads']} threads"
+    key = f"{platform.node()} | {cpu_model()} | {b['library']} {b['version']} {b['kernel']} | {b['threads']} threads"
+    return key + (" | mkl" if products.library() == "mkl" else "")
 
 
 def measure_sgemm(size: int = PROBE_SIZE, repeats: int = PROBE_REPEATS) -> dict:
-    """The fastest and the median rate of ``repeats`` float32 products ``(size, size) @ (size, size)``, GFLOP/s."""
+    """The fastest and the median rate of ``repeats`` float32 products ``(size, size) @ (size, size)``, GFLOP/s.
+
+    With numpy's BLAS, one product on its threads. With MKL (:mod:`mnn.blas`),
+    which mnn runs one thread per replica, one product per thread at once,
+    each on one thread: the rate of the cores together, as the replicas use them.
+    """
+    from mnn import blas as products  # noqa: PLC0415
+
+    if products.library() == "mkl":
+        return _measure_threads(size, repeats, products)
     rng = numpy.random.default_rng(0)
     a, b = (rng.standard_normal((size, size), dtype=numpy.float32) for _ in range(2))
     out = numpy.empty((size, size), dtype=numpy.float32)
@@ -85,6 +98,25 @@ def measure_sgemm(size: int = PROBE_SIZE, repeats: int = PROBE_REPEATS) -> dict:
         numpy.matmul(a, b, out=out)
         times.append(time.perf_counter() - start)
     flops = 2 * size**3
+    return {"gflops": flops / min(times) / 1e9, "median_gflops": flops / statistics.median(times) / 1e9}
+
+
+def _measure_threads(size: int, repeats: int, products) -> dict:
+    """:func:`measure_sgemm` for MKL: :func:`mnn.blas.threads` products at once, one thread each."""
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    count = products.threads()
+    rng = numpy.random.default_rng(0)
+    operands = [[rng.standard_normal((size, size), dtype=numpy.float32) for _ in range(2)]
+                + [numpy.empty((size, size), dtype=numpy.float32)] for _ in range(count)]
+    times = []
+    with products.limit(1), ThreadPoolExecutor(count) as pool:
+        for repeat in range(repeats + 1):  # the first warms up
+            start = time.perf_counter()
+            list(pool.map(lambda ops: products.matmul(ops[0], ops[1], out=ops[2]), operands))
+            if repeat:
+                times.append(time.perf_counter() - start)
+    flops = count * 2 * size**3
     return {"gflops": flops / min(times) / 1e9, "median_gflops": flops / statistics.median(times) / 1e9}
 
 

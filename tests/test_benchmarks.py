@@ -198,9 +198,12 @@ def test_every_figure_names_its_kernel_and_counts_its_flops(quick_run):
     assert "blas_environment" in machine
     for name, case in quick_run[2]["cases"].items():
         assert set(case["blas"]) == {"mnn", "torch", "floor"}
-        floor = case["blas"]["floor"]
-        assert case["blas"]["mnn"][:len(floor)] == floor  # both load numpy's BLAS; mnn's side may add MKL
-        added = [pool["library"] for pool in case["blas"]["mnn"][len(floor):]]  # once MKL multiplied
+        def libraries(side):  # library, version, kernel (the thread counts may differ)
+            return [(pool["library"], pool["version"], pool["kernel"]) for pool in case["blas"][side]]
+
+        floor = [pool for pool in libraries("floor") if pool[0] != "mkl"]
+        assert libraries("mnn")[:len(floor)] == floor  # both load numpy's BLAS; mnn's side may add MKL
+        added = [pool[0] for pool in libraries("mnn")[len(floor):]]  # once MKL multiplied
         assert added in ([["mkl"], []] if machine["mnn_blas"]["library"] == "mkl" else [[]]), name
         if name == "gpt_train":
             assert added == (["mkl"] if machine["mnn_blas"]["library"] == "mkl" else [])
@@ -222,6 +225,7 @@ def test_mnn_takes_the_cpu_makers_kernel_unless_told():
     with pytest.raises(SystemExit, match="MKL is not installed"):
         kernel.mnn_library("mkl", "GenuineIntel", False)
     assert side_environment("mnn", mnn_blas="mkl")["MNN_BLAS"] == "mkl"
+    assert side_environment("floor", mnn_blas="mkl")["MNN_BLAS"] == "mkl"  # the floor multiplies as mnn does
     assert "MNN_BLAS" not in side_environment("torch", mnn_blas="mkl")
 
 

@@ -365,7 +365,9 @@ def generate(root: Path = ROOT) -> tuple[dict[str, str], dict[str, list[Formula]
         "`make bench` (`python -m benchmarks.compare`): each side in a worker process of its own, the sides taking "
         "turns block by block (A B B A) after a warm-up, medians of the timed steps (at least 3 s of each side, so "
         "a 1 ms step is timed in several blocks). The ratios are the figures "
-        "(the machine is shared and noisy); the machine is named below. `mnn_jit` says whether mnn ran its "
+        "(the machine is shared and noisy); the machine is named below, with each side's BLAS: on an Intel CPU "
+        "with the `mkl` extra installed mnn's replicas multiply with MKL (`--mnn-blas auto`; `--mnn-blas numpy` "
+        "keeps numpy's OpenBLAS), elsewhere with numpy's OpenBLAS on its own kernel. `mnn_jit` says whether mnn ran its "
         "compiled loops (numba, `mnn.jit`); `MNN_JIT=0 make bench` measures the pure-numpy path. The whole "
         "2000-iteration recipe, evaluation included, is compared by `python -m benchmarks.recipe` "
         "(`benchmarks/recipe.json`).",
