@@ -109,39 +109,47 @@ def gpt_gemms(B: int, T: int, backward: bool, keys: int | None = None, config: d
 
 
 def floor_side(products: list) -> Side:
-    """The products one after the other on numpy's BLAS threads; with MKL (:mod:`mnn.blas`), which mnn runs one
-    thread per replica, every other product in a second thread, each product on one thread."""
-    from mnn import blas  # noqa: PLC0415
-
     def step():
         for a, b, out in products:
             numpy.matmul(a, b, out=out)
         return None
 
-    if blas.library() == "mkl" and blas.threads() > 1:
-        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
-
-        from threadpoolctl import threadpool_limits  # noqa: PLC0415
-
-        count = blas.threads()
-        pool = ThreadPoolExecutor(count - 1)
-        threadpool_limits(1)  # numpy's own products (the small ones) on one thread per product too
-
-        def run(part):
-            for a, b, out in part:
-                blas.matmul(a, b, out=out)
-
-        def step():  # noqa: F811 - MKL's version of the floor
-            with blas.limit(1):
-                parts = [products[i::count] for i in range(count)]
-                futures = [pool.submit(run, part) for part in parts[1:]]
-                run(parts[0])
-                for future in futures:
-                    future.result()
-            return None
-
     flops = sum(2.0 * out.size * a.shape[-1] for a, _, out in products)  # a multiply and an add per term
     return Side(step, None, [products], flops)
+
+
+def replica_floor(case, state, data, count: int) -> Side:
+    """The floor of a case whose mnn side runs ``count`` replicas on MKL (:mod:`mnn.blas`), as they run: each of
+    ``count`` threads multiplies the products of its share of the batch, each product on one thread."""
+    import copy  # noqa: PLC0415
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    from mnn import blas  # noqa: PLC0415
+
+    shares = []
+    for rows in numpy.array_split(numpy.arange(case.batch), count):
+        share = copy.copy(case)
+        share.batch = len(rows)
+        shares.append(share.build_floor(state, data))
+    parts = [share.keep[0] for share in shares]
+    pool = ThreadPoolExecutor(count - 1)
+    threadpool_limits(1)  # numpy's own products (those too small for MKL's path) on one thread each, too
+
+    def run(part):
+        for a, b, out in part:
+            blas.matmul(a, b, out=out)
+
+    def step():
+        with blas.limit(1):
+            futures = [pool.submit(run, part) for part in parts[1:]]
+            run(parts[0])
+            for future in futures:
+                future.result()
+        return None
+
+    return Side(step, None, [parts, pool], sum(share.flops for share in shares))
 
 
 # -- the cases ---------------------------------------------------------------------
@@ -154,11 +162,17 @@ class Case:
     units_per_step = 1  # how many units one timed step holds (tokens for generation)
     training = True
     extra_sides: tuple = ()  # sides beyond mnn, torch and floor (PyTorch compiled, for the GPT)
+    replicas = 1  # mnn's side's DataParallel replicas (with more than one, its floor multiplies as they do)
 
     def prepare(self) -> tuple[dict, dict]:
         raise NotImplementedError
 
     def build(self, framework: str, state: dict, data: dict) -> Side:
+        if framework == "floor" and self.replicas > 1:
+            from mnn import blas  # noqa: PLC0415
+
+            if blas.library() == "mkl":  # the floor multiplies as mnn's replicas do, one thread each
+                return replica_floor(self, state, data, self.replicas)
         return getattr(self, f"build_{framework}")(state, data)
 
 
@@ -306,7 +320,10 @@ class GPTStep(Case):
 
     def __init__(self, config: dict = GPT_CPU, batch: int = GPT_BATCH, name: str = "gpt_train",
                  label: str = "nanoGPT CPU config") -> None:
+        from mnn.train.language_model import GPTTrainConfig  # noqa: PLC0415
+
         self.config, self.batch, self.name = config, batch, name
+        self.replicas = GPTTrainConfig.replicas  # as the language-model loop runs it
         c = config
         self.description = (f"GPT training step, {label} (B {batch}, T {c['block_size']}, {c['n_layer']} layers, "
                             f"{c['n_head']} heads, C {c['n_embd']}, V {c['vocab_size']})")

@@ -200,6 +200,7 @@ class LSTMStep(Case):
 
         self.batch = batch
         self.config = CharRNNTrainConfig
+        self.replicas = CharRNNTrainConfig.replicas  # as the language-model loop runs it
         self.name = f"lstm_train_b{batch}"
         self.description = (f"LSTM language model training step (2 x 256, T {LSTM_T}, V 65), batch {batch}, "
                             f"{CharRNNTrainConfig.replicas} replicas")

@@ -268,8 +268,9 @@ def probe_memory(case_name: str, framework: str, threads: int, steps: int, token
         method = "ru_maxrss delta"
         baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     side = case.build(framework, state, data)
+    side.step()  # mnn's replica processes fork at the end of the first step (mnn.parallel)
     children = {pid: _private_kb(pid) for pid in _replica_pids(side)}  # at the fork: what they already held
-    for _ in range(steps):
+    for _ in range(steps - 1):
         side.step()
     peak_kb = _status_kb("VmHWM") if method.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children_kb = sum(max(0, _private_kb(pid) - before) for pid, before in children.items())
@@ -477,7 +478,10 @@ def main(argv=None) -> dict:
             print(f"WARNING {case.name}: first-step losses differ: {losses}", file=sys.stderr)
     # What the workers multiplied with (the parent's numpy may run with a forced kernel the workers dropped).
     first = next(iter(results["cases"].values()))["blas"]
-    results["machine"].update(blas=first["mnn"], torch_blas=first["torch"], blas_environment=blas_environment,
+    pools = {}  # every library mnn's side used in some case (MKL appears once it multiplied)
+    for case in results["cases"].values():
+        pools.update({pool["library"]: pool for pool in case["blas"]["mnn"] if pool["library"] not in pools})
+    results["machine"].update(blas=list(pools.values()), torch_blas=first["torch"], blas_environment=blas_environment,
                               peak_sgemm_gflops=peak, mnn_blas={"library": mnn_blas, "why": why})  # 2048^3 float32 products on numpy's BLAS, the threads above
     for result in results["cases"].values():
         result["mfu"] = {name: rate / peak for name, rate in result["gflops"].items()}

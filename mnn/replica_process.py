@@ -111,17 +111,32 @@ class ReplicaProcess:
         self._grads = [grad for _, grad in replica.named_grads()]
         self._rngs = _generators(replica)
         context = multiprocessing.get_context("fork")
-        self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, replica, loss_fn, self._grads, self._rngs),
+        self._conn, self._child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(self._child, replica, loss_fn, self._grads, self._rngs),
                                         name=f"mnn-replica{index}", daemon=True)
-        self._process.start()
-        child.close()
         self._sent = self._received = 0
+
+    @property
+    def started(self) -> bool:
+        return self._child is None
+
+    def start(self) -> None:
+        """Fork the child. :class:`~mnn.parallel.DataParallel` does it after a first pass in this process, so
+        that the child shares (copy-on-write) the compiled kernels and BLAS code that pass loaded."""
+        self._process.start()
+        self._child.close()
+        self._child = None
+
+    def refresh(self) -> None:
+        """Copy the model's weights and buffers, as they are now, into the replica's shared arrays."""
+        for view, module, table, key in self._copies:
+            numpy.copyto(view, getattr(module, table)[key])
 
     def submit(self, kind: str, x, y, weight: float) -> None:
         """Start a pass on the child: ``kind`` is ``"train"`` (forward and backward) or ``"evaluate"``."""
-        for view, module, table, key in self._copies:
-            numpy.copyto(view, getattr(module, table)[key])  # the model's weights and buffers as they are now
+        if not self.started:
+            self.start()
+        self.refresh()
         scaler = getattr(self.loss_fn, "scaler", None)
         context = (self.replica.training, precision.compute_dtype(), jit.enabled(),
                    None if scaler is None else scaler.scale, [rng.bit_generator.state for rng in self._rngs])
@@ -158,7 +173,10 @@ class ReplicaProcess:
                             f"(exit code {self._process.exitcode}); the step cannot finish")
 
     def close(self) -> None:
-        if self._process.is_alive():
+        if self._child is not None:  # never started
+            self._child.close()
+            self._child = None
+        elif self._process.is_alive():
             try:
                 self._conn.send(None)
             except (BrokenPipeError, OSError):

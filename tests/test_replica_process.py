@@ -114,9 +114,29 @@ def test_an_abandoned_pass_is_not_taken_for_the_next():
         parallel.close()
 
 
+def test_the_children_fork_after_the_first_pass_which_runs_here():
+    """The first pass runs every replica in this process (loading the kernels the children then share);
+    the children exist from its end, and the passes after it run there, with the same bits."""
+    parallel = DataParallel(GPT(CONFIG, seed=5), CrossEntropyLoss(), 2, processes=True)
+    threads = DataParallel(GPT(CONFIG, seed=5), CrossEntropyLoss(), 2, processes=False)
+    try:
+        worker = parallel._workers[1]
+        assert not worker.started and worker._process.pid is None
+        for step in range(2):
+            x, y = tokens(6, seed=step)
+            assert parallel.forward_backward(x, y) == threads.forward_backward(x, y), step
+            assert worker.started and worker._process.is_alive()
+        for (name, ours), (_, theirs) in zip(parallel.model.named_grads(), threads.model.named_grads()):
+            assert np.array_equal(ours, theirs), name
+    finally:
+        parallel.close()
+    assert not worker._process.is_alive()
+
+
 def test_a_killed_child_is_named_in_one_line():
     parallel = DataParallel(GPT(CONFIG, seed=5), CrossEntropyLoss(), 2, processes=True)
     try:
+        parallel.forward_backward(*tokens(6))  # the children fork at the end of the first pass
         os.kill(parallel._workers[1]._process.pid, signal.SIGKILL)
         parallel._workers[1]._process.join(5)
         with pytest.raises(RuntimeError, match=r"the process of replica 1 ended \(exit code -9\)"):
@@ -127,6 +147,7 @@ def test_a_killed_child_is_named_in_one_line():
 
 def test_close_ends_the_children_and_threads_stay_available():
     parallel = DataParallel(GPT(CONFIG, seed=5), CrossEntropyLoss(), 3, processes=True)
+    parallel.forward_backward(*tokens(6))  # the children fork at the end of the first pass
     children = [worker._process for worker in parallel._workers.values()]
     assert all(child.is_alive() for child in children)
     parallel.close()
