@@ -31,6 +31,7 @@ step boundary and closes it) and exits when the parent's end of the pipe closes.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import multiprocessing
 import os
@@ -39,7 +40,7 @@ import sys
 
 import numpy
 
-from mnn import blas, jit, precision
+from mnn import blas, jit, module, precision
 from mnn.backend import read_scalar
 from mnn.module import no_grad
 
@@ -98,6 +99,18 @@ def _share(replica, model) -> tuple[mmap.mmap, list]:
     return block, [(views[ident], module, kind, key) for ident, module, kind, key in pairs]
 
 
+def _end_with_parent(parent: int | None) -> None:
+    """SIGTERM for this process when its parent ends, even by SIGKILL (Linux's ``PR_SET_PDEATHSIG``): a
+    child that outlived it would wait on a pipe that other forked processes may still hold open."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if parent is not None and os.getppid() != parent:  # the parent ended before prctl took effect
+        os._exit(0)
+
+
 class ReplicaProcess:
     """Replica ``index`` of a :class:`~mnn.parallel.DataParallel`, run by a forked child.
 
@@ -112,7 +125,8 @@ class ReplicaProcess:
         self._rngs = _generators(replica)
         context = multiprocessing.get_context("fork")
         self._conn, self._child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(self._child, replica, loss_fn, self._grads, self._rngs),
+        self._process = context.Process(target=_serve, args=(self._child, replica, loss_fn, self._grads, self._rngs,
+                                                             self._conn, os.getpid()),
                                         name=f"mnn-replica{index}", daemon=True)
         self._sent = self._received = 0
 
@@ -123,7 +137,12 @@ class ReplicaProcess:
     def start(self) -> None:
         """Fork the child. :class:`~mnn.parallel.DataParallel` does it after a first pass in this process, so
         that the child shares (copy-on-write) the compiled kernels and BLAS code that pass loaded."""
-        self._process.start()
+        stops = {signal.SIGINT, signal.SIGTERM}
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # held in the child until it chose its handlers
+        try:
+            self._process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         self._child.close()
         self._child = None
 
@@ -188,13 +207,19 @@ class ReplicaProcess:
         self._conn.close()
 
 
-def _serve(conn, replica, loss_fn, grads, rngs) -> None:
-    """The child: run each pass the parent sends until the pipe closes or says stop."""
+def _serve(conn, replica, loss_fn, grads, rngs, parent_end=None, parent=None) -> None:
+    """The child: run each pass the parent sends until the pipe closes or says stop, or the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent at a step boundary; it closes us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # forked mid-run: not the training loop's stop request
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # blocked by start() until now
+    if parent_end is not None:
+        parent_end.close()  # the parent's end, inherited by the fork: only the parent may keep the pipe open
+    _end_with_parent(parent)
     from threadpoolctl import threadpool_limits  # noqa: PLC0415
 
     threadpool_limits(limits=1, user_api="blas")  # one core per replica, as each thread has
     blas.set_threads(1)  # and no split of MKL's products (mnn.blas)
+    module._grad_enabled = True  # forked mid-run, perhaps inside an evaluation's no_grad(): each pass chooses
     while True:
         try:
             message = conn.recv()

@@ -133,6 +133,74 @@ def test_the_children_fork_after_the_first_pass_which_runs_here():
     assert not worker._process.is_alive()
 
 
+def test_a_first_pass_that_evaluates_forks_children_that_still_train():
+    """nanoGPT's loop evaluates before its first step: the children fork inside that no_grad() evaluation,
+    and their training passes still keep what backward needs (the same bits as threads)."""
+    parallel = DataParallel(GPT(CONFIG, seed=5), CrossEntropyLoss(), 2, processes=True)
+    threads = DataParallel(GPT(CONFIG, seed=5), CrossEntropyLoss(), 2, processes=False)
+    try:
+        for replicas in (parallel, threads):
+            replicas.evaluate(*tokens(6, seed=3))
+        assert parallel._workers[1].started
+        assert parallel.forward_backward(*tokens(6)) == threads.forward_backward(*tokens(6))
+    finally:
+        parallel.close()
+
+
+def test_a_child_forked_under_the_loops_signal_handler_still_ends_on_sigterm():
+    """The children fork mid-run, after the training loop turned SIGTERM into a stop request: theirs is the
+    default again, so that the exit of the parent (which terminates them) is not left waiting."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    parallel = DataParallel(GPT(CONFIG, seed=5), CrossEntropyLoss(), 2, processes=True)
+    try:
+        parallel.forward_backward(*tokens(6))
+        child = parallel._workers[1]._process
+        os.kill(child.pid, signal.SIGTERM)
+        child.join(5)
+        assert child.exitcode == -signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        parallel.close()
+
+
+def test_a_child_ends_when_its_parent_is_killed():
+    """SIGKILL leaves no orphan: the child has its parent's death signal and does not hold its own pipe open."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    script = ("import os, sys, time, numpy as np\n"
+              "from mnn.losses import CrossEntropyLoss\nfrom mnn.models.gpt import GPT, GPTConfig\n"
+              "from mnn.parallel import DataParallel\n"
+              "config = GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=8)\n"
+              "parallel = DataParallel(GPT(config, seed=1), CrossEntropyLoss(), 3, processes=True)\n"
+              "x = np.random.default_rng(0).integers(0, 11, (6, 8))\n"
+              "parallel.forward_backward(x, x)\n"
+              "print(' '.join(str(w._process.pid) for w in parallel._workers.values()), flush=True)\n"
+              "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        children = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(children) == 2
+    finally:
+        parent.kill()
+        parent.wait(10)
+    deadline = time.monotonic() + 10
+    alive = children
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in alive if os.path.exists(f"/proc/{pid}") and "Z" not in _state(pid)]
+    assert not alive, f"replica processes {alive} outlived their killed parent"
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
 def test_a_killed_child_is_named_in_one_line():
     parallel = DataParallel(GPT(CONFIG, seed=5), CrossEntropyLoss(), 2, processes=True)
     try:

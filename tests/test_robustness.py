@@ -5,7 +5,6 @@ Also: a non-finite loss stops training and keeps the last good checkpoint, or is
 import json
 import os
 import re
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -181,20 +180,19 @@ def test_every_bad_input_gets_one_clear_line_and_the_doc_shows_it(workdir, capsy
 
 # -- non-finite losses ---------------------------------------------------------------
 def nan_loss_at(monkeypatch, calls_to_poison):
-    """Make CrossEntropyLoss.forward return NaN on the given (1-based) calls made on the main thread.
+    """Make CrossEntropyLoss.forward return NaN on the given (1-based) calls of each loss object.
 
-    The main thread runs replica 0's slice of every batch (mnn.parallel), so
-    the count goes as without replicas and does not depend on thread timing;
-    the NaN of one slice must reach the loss of the whole batch.
+    Each replica (mnn.parallel) has its own loss object, so every replica's
+    count goes as without replicas, whichever thread or process runs it (a
+    replica process forks with its count so far); the NaN must reach the loss
+    of the whole batch.
     """
-    original, count = mnn.losses.CrossEntropyLoss.forward, [0]
+    original, counts = mnn.losses.CrossEntropyLoss.forward, {}
 
     def forward(self, logits, targets):
         loss = original(self, logits, targets)
-        if threading.current_thread() is not threading.main_thread():
-            return loss
-        count[0] += 1
-        return loss * np.float32("nan") if count[0] in calls_to_poison else loss
+        counts[id(self)] = counts.get(id(self), 0) + 1
+        return loss * np.float32("nan") if counts[id(self)] in calls_to_poison else loss
 
     monkeypatch.setattr(mnn.losses.CrossEntropyLoss, "forward", forward)
 
