@@ -4,7 +4,7 @@ r"""The BLAS mnn multiplies with: numpy's own OpenBLAS, or Intel's MKL when aske
 ``numpy.matmul``), computed by the OpenBLAS numpy links. With
 ``MNN_BLAS=mkl`` in the environment (or :func:`use` before the first
 product) the float32 products of :class:`~mnn.layers.Linear`,
-:class:`~mnn.layers.MatrixProduct` (attention) and the compiled LSTM call
+:class:`~mnn.layers.MatrixProduct` and causal attention, :class:`~mnn.layers.Conv2d` and the compiled LSTM call
 MKL's ``cblas_sgemm`` from the ``mkl`` package (``pip install 'mnn[mkl]'``)
 on the same numpy arrays. Why: on Intel CPUs MKL is the faster kernel, and it
 is the one PyTorch's CPU build computes with. Measured on 2 cores of an Intel

@@ -182,3 +182,26 @@ print("lstm", float(np.linalg.norm(out[0] - out[1]) / np.linalg.norm(out[1])))
     figures = dict(line.split() for line in done.stdout.split("\n") if line)
     assert float(figures["replicas"]) <= 1e-5
     assert float(figures["lstm"]) <= 1e-5
+
+
+@needs_mkl
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_convolution_on_mkl_matches_numpy(mkl, monkeypatch, groups):
+    """Conv2d's products (Eqs. 3, 4 and 6), grouped or not, through MKL and through numpy."""
+    from mnn.layers import Conv2d
+
+    x, dy = normal(8, 4, 12, 12), normal(8, 6, 12, 12)
+    monkeypatch.setattr(blas, "MIN_MATRIX", 1)  # small test shapes take MKL's path too
+    calls = []
+    real = blas._multiply
+    monkeypatch.setattr(blas, "_multiply", lambda *args: calls.append(1) or real(*args))
+    results = []
+    for library in ("mkl", "numpy"):
+        monkeypatch.setattr(blas, "_library", library)
+        layer = Conv2d(4, 6, 3, padding=1, groups=groups, rng=np.random.default_rng(3))
+        y = layer.forward(x)
+        dx = layer.backward(dy)
+        results.append((y, dx, layer.grads["weight"].copy()))
+    assert len(calls) >= 2  # MKL multiplied (the forward and the input gradient at least)
+    for ours, theirs in zip(*results):
+        assert relative_error(ours, theirs) <= 1e-5

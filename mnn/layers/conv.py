@@ -11,7 +11,7 @@ import math
 
 import numpy
 
-from mnn import jit
+from mnn import blas, jit
 from mnn.backend import default_dtype, xp
 from mnn.errors import ShapeError
 from mnn.module import Module, check_input, check_output_grad
@@ -268,10 +268,10 @@ class Conv2d(Module):
         M, K = N * Ho * Wo, kH * kW * Cg
         kernel = self._kernel_matrix().astype(x.dtype, copy=False)
         if G == 1:
-            y = cols.reshape(M, K) @ kernel[0]  # Eq. (3)
+            y = blas.matmul(cols.reshape(M, K), kernel[0])  # Eq. (3) (numpy's @, or MKL: mnn.blas)
         else:
             y = xp.empty((M, G, self.out_channels // G), dtype=x.dtype)
-            xp.matmul(cols.reshape(M, G, K).transpose(1, 0, 2), kernel, out=y.transpose(1, 0, 2))  # Eq. (3)
+            blas.matmul(cols.reshape(M, G, K).transpose(1, 0, 2), kernel, out=y.transpose(1, 0, 2))  # Eq. (3)
             y = y.reshape(M, self.out_channels)
         if "bias" in self.params:
             y += self.params["bias"]  # Eq. (3)
@@ -289,7 +289,7 @@ class Conv2d(Module):
         rows = xp.ascontiguousarray(dy.transpose(0, 2, 3, 1)).reshape(M, G, Og)  # G of Eq. (4); a view if channels-last
         cols_g = cols.reshape(M, G, K).transpose(1, 0, 2)  # (G, M, K)
         rows_g = rows.transpose(1, 0, 2)  # (G, M, Og)
-        dkernel = xp.matmul(cols_g.transpose(0, 2, 1), rows_g)  # Eq. (4): (G, K, Og)
+        dkernel = blas.matmul(cols_g.transpose(0, 2, 1), rows_g)  # Eq. (4): (G, K, Og)
         dweight = dkernel.reshape(G, kH, kW, Cg, Og).transpose(0, 4, 3, 1, 2)  # back to (C_out, C_g, kH, kW)
         self.grads["weight"] += dweight.reshape(self.params["weight"].shape)  # Eq. (4)
         self._spare = cols  # Eq. (4) was its last use: backward's dcols or the next forward refills it
@@ -299,7 +299,7 @@ class Conv2d(Module):
             return None
         kernel = self._kernel_matrix().astype(dy.dtype, copy=False)
         dcols = self._column_buffer(cols.shape, dy.dtype)
-        xp.matmul(rows_g, kernel.transpose(0, 2, 1), out=dcols.reshape(M, G, K).transpose(1, 0, 2))  # Eq. (6)
+        blas.matmul(rows_g, kernel.transpose(0, 2, 1), out=dcols.reshape(M, G, K).transpose(1, 0, 2))  # Eq. (6)
         if jit.usable(dcols) and Cg > 1:  # col2im in one compiled pass, into x's shape (no padded buffer): Eq. (7)
             dx = xp.zeros((N, H, W, G, Cg), dtype=dy.dtype)
             _col2im_kernel(dcols, dx, sH, sW, pH, pW, dH, dW)
