@@ -72,6 +72,7 @@ _library = None  # the chosen library's name, read from MNN_BLAS on first use
 _found = {}  # library name -> the address of its ILP64 sgemm, or None
 _functions = {}  # library name -> its sgemm as a ctypes function
 _batched = None  # MKL's cblas_sgemm_batch_strided_64 (ctypes)
+_mkl = None  # MKL's library, once loaded
 _threads = None  # mnn's thread count: numpy's BLAS threads at first use, 1 inside replicas
 
 
@@ -145,7 +146,7 @@ def mkl_path() -> str | None:
 
 def mkl_version() -> dict | None:
     """MKL's version and the instruction set its kernels run (``MKL_Get_Version``), once loaded; else None."""
-    if _found.get("mkl") is None:
+    if _mkl is None:
         return None
 
     class Version(ctypes.Structure):
@@ -154,20 +155,20 @@ def mkl_version() -> dict | None:
                     ("platform", ctypes.c_char_p)]
 
     version = Version()
-    ctypes.CDLL(mkl_path()).MKL_Get_Version(ctypes.byref(version))
+    _mkl.MKL_Get_Version(ctypes.byref(version))
     processor = (version.processor or b"").decode(errors="replace")
     short = re.search(r"\(Intel\(R\) ([\w-]+)\)", processor)  # "... (Intel(R) AVX-512) with ..." -> AVX-512
     return {"library": "mkl", "version": f"{version.major}.{version.minor}.{version.update}",
-            "kernel": short.group(1) if short else processor, "threads": 1, "file": os.path.basename(mkl_path())}
+            "kernel": short.group(1) if short else processor, "threads": 1, "file": os.path.basename(_mkl._name)}
 
 
 def _find_mkl() -> int:
-    global _batched
+    global _batched, _mkl
     path = mkl_path()
     if path is None:
         raise RuntimeError("MNN_BLAS=mkl: libmkl_rt was not found; install it with pip install 'mnn[mkl]' "
                            "or unset MNN_BLAS")
-    mkl = ctypes.CDLL(path)
+    mkl = _mkl = ctypes.CDLL(path)
     mkl.MKL_Set_Threading_Layer(ctypes.c_int(_SEQUENTIAL))  # before any other call: one thread per call
     i32, i64, f32, pointer = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     prototype = ctypes.CFUNCTYPE(None, i32, i32, i32, i64, i64, i64, f32, pointer, i64, i64, pointer, i64, i64,

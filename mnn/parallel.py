@@ -22,6 +22,7 @@ On a GPU (CuPy) there is nothing to gain; use one replica there.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from concurrent.futures import ThreadPoolExecutor
 
@@ -114,6 +115,12 @@ class DataParallel:
 
             self._blas = ThreadpoolController()
 
+    @contextlib.contextmanager
+    def _one_thread(self):
+        """One BLAS thread per replica inside the block: numpy's (threadpoolctl) and mnn's own (:mod:`mnn.blas`)."""
+        with self._blas.limit(limits=1, user_api="blas"), blas.limit(1):
+            yield
+
     @property
     def replicas(self) -> int:
         return len(self.models)
@@ -157,7 +164,7 @@ class DataParallel:
                 own[...] = theirs
         if self._pool is None or len(jobs) == 1:
             return {job[0]: self._run(*job) for job in jobs}
-        with self._blas.limit(limits=1, user_api="blas"), blas.limit(1):
+        with self._one_thread():
             futures = {job[0]: self._pool.submit(self._run, *job) for job in jobs[1:]}
             results = {jobs[0][0]: self._run(*jobs[0])}
             results.update((k, future.result()) for k, future in futures.items())
@@ -174,7 +181,7 @@ class DataParallel:
         """
         if not all(worker.started for worker in self._workers.values()):
             results = {}
-            with self._blas.limit(limits=1, user_api="blas"), blas.limit(1):
+            with self._one_thread():
                 for k, x, y, weight in jobs:
                     if k:
                         self._workers[k].refresh()
@@ -189,7 +196,7 @@ class DataParallel:
                     self._workers[k].submit("evaluate" if weight is None else "train", x, y, weight)
                     started.append(k)
             if jobs and jobs[0][0] == 0:
-                with self._blas.limit(limits=1, user_api="blas"), blas.limit(1):
+                with self._one_thread():
                     results[0] = self._run(*jobs[0])
         finally:
             for k in started:
