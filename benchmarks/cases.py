@@ -275,6 +275,7 @@ def mnn_language_model_side(model, replicas: int, adamw: dict, data: dict) -> Si
     from mnn.optim import AdamW, clip_grad_norm, param_groups  # noqa: PLC0415
     from mnn.parallel import DataParallel  # noqa: PLC0415
 
+    model.flatten_parameters()  # as the language-model loop does, before its optimizer and replicas
     parallel = DataParallel(model, CrossEntropyLoss(), replicas)  # as the language-model loop runs it
     optimizer = AdamW(param_groups(model, adamw["weight_decay"]), lr=adamw["lr"], betas=adamw["betas"])
     grads = [grad for _, grad in model.named_grads()]

@@ -33,6 +33,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import numpy
+
 from mnn.backend import xp
 from mnn.errors import CheckpointError, ShapeError
 
@@ -150,6 +152,50 @@ class Module:
         """``(dotted name, array)`` for every buffer (running statistics), as ``torch.nn.Module.named_buffers``."""
         return list(self._named("buffers", unique=True))
 
+    def flatten_parameters(self) -> None:
+        """Move every parameter into one contiguous buffer, and every gradient into another, in place of the arrays.
+
+        Matrices come first and vectors after (``ndim >= 2``, then the rest:
+        the two groups of :func:`~mnn.optim.param_groups`), each in the order
+        of :meth:`named_parameters`; tied parameters stay tied. The values are
+        kept. What then passes over all of them, an optimizer's update, the
+        zeroing, the clipping, the sum of :class:`~mnn.parallel.DataParallel`'s
+        replicas, makes one call per run of a few hundred thousand numbers
+        instead of one per array (:func:`mnn.threads.runs`), with the same bits.
+
+        Call it before building an optimizer or a ``DataParallel``: they hold
+        the arrays, and the arrays this replaces become read-only, so an
+        optimizer built earlier fails on its first step instead of updating
+        arrays the model no longer uses. (As ``torch.nn.RNN.flatten_parameters``
+        does for cuDNN, but for every module.)
+        """
+        named = list(zip(self.named_parameters(), self.named_grads()))
+        named.sort(key=lambda item: item[0][1].ndim < 2)  # stable: matrices, then vectors, each in model order
+        dtypes = {param.dtype for (_, param), _ in named}
+        if len(dtypes) > 1:
+            raise ValueError(f"flatten_parameters: parameters of one dtype only, got {sorted(map(str, dtypes))}")
+        total = sum(int(param.size) for (_, param), _ in named)
+        if not total:
+            return
+        dtype = dtypes.pop()
+        params, grads, moved, offset = xp.empty(total, dtype), xp.empty(total, dtype), {}, 0
+        for (_, param), (_, grad) in named:
+            size = int(param.size)
+            moved[id(param)] = params[offset: offset + size].reshape(param.shape)
+            moved[id(grad)] = grads[offset: offset + size].reshape(grad.shape)
+            moved[id(param)][...] = param
+            moved[id(grad)][...] = grad
+            offset += size
+        for _, module in self.named_modules():
+            for table in (module.params, module.grads):
+                for key, array in table.items():
+                    if id(array) in moved:
+                        table[key] = moved[id(array)]
+        for (_, param), (_, grad) in named:
+            if isinstance(param, numpy.ndarray):
+                param.flags.writeable = False  # an optimizer built before this fails instead of updating it
+                grad.flags.writeable = False
+
     def num_parameters(self) -> int:
         return sum(int(p.size) for _, p in self.named_parameters())
 
@@ -162,6 +208,11 @@ class Module:
         containers (whose sub-modules count their own) keep the default ``(0, 0)``.
         """
         return 0, 0
+
+    def gradient_temporary_bytes(self) -> int:
+        """Bytes this module's backward holds for its parameters' gradients before adding them in (``dW`` before
+        ``+=``): the parameters' size by default (for :mod:`mnn.summary`'s peak)."""
+        return sum(int(param.nbytes) for param in self.params.values())
 
     def summary(self, batch_shape, dtype=None):
         """Parameters, FLOPs per pass and cached bytes, layer by layer: :func:`mnn.summary.summary`."""

@@ -142,7 +142,7 @@ class DataParallel:
         """Replica ``k``'s pass in this process: its shard's mean loss, and with a ``weight`` its backward from it."""
         replica, loss_fn = self.models[k], self.losses[k]
         if weight is not None and k:  # replica 0 is the model: its gradients accumulate as usual
-            for grad in self._grads[k]:
+            for (grad,) in threads.runs([self._grads[k]]):
                 grad.fill(0)
         loss = read_scalar(loss_fn.forward(replica.forward(x), y))
         if weight is not None:
@@ -224,7 +224,7 @@ class DataParallel:
         losses = self._map(shards, lambda n: scale * n / rows)  # Eq. (1): upstream gradient N_k / N
         for k in sorted(losses):
             if k:
-                pairs = list(zip(self._grads[0], self._grads[k]))
+                pairs = threads.runs([self._grads[0], self._grads[k]])  # gradients that lie end to end: one call
                 threads.for_each(lambda pair: xp.add(pair[0], pair[1], out=pair[0]), pairs,
                                  [total.size for total, _ in pairs])  # Eq. (1): the sum over replicas, in order
         return float(sum(losses[k] * len(shards[k][0]) / rows * scale for k in sorted(losses)))  # Eq. (1)

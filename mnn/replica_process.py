@@ -40,7 +40,7 @@ import sys
 
 import numpy
 
-from mnn import blas, jit, module, precision
+from mnn import blas, jit, module, precision, threads
 from mnn.backend import read_scalar
 from mnn.module import no_grad
 
@@ -71,32 +71,52 @@ def _share(replica, model) -> tuple[mmap.mmap, list]:
 
     Each distinct array gets one view (tied weights stay tied). The returned
     pairs ``(view, module, kind, key)`` name the model's array that each
-    shared weight or buffer is refreshed from before a pass.
+    shared weight or buffer is refreshed from before a pass. Parameters come
+    first, then buffers, then gradients, each kind in the order its twins (the
+    model's arrays) lie in memory; where the twins lie end to end (after
+    :meth:`~mnn.module.Module.flatten_parameters`) so do the views, so that the
+    refresh and the sum of gradients pass over them in a few calls
+    (:func:`mnn.threads.runs`). Every other array starts on a cache line.
     """
     sources = dict(model.named_modules())
-    slots, views, pairs = [], {}, []
+    slots, seen, pairs = {"params": [], "buffers": [], "grads": []}, set(), []
     for name, module in replica.named_modules():
         for kind in ("params", "buffers", "grads"):
             for key, array in getattr(module, kind).items():
-                if id(array) not in views:
-                    views[id(array)] = None
-                    slots.append(array)
+                if id(array) not in seen:
+                    seen.add(id(array))
+                    slots[kind].append((array, getattr(sources[name], kind)[key]))
                     if kind != "grads":
                         pairs.append((id(array), sources[name], kind, key))
-    sizes = [-(-array.nbytes // _ALIGN) * _ALIGN for array in slots]
-    block = mmap.mmap(-1, max(sum(sizes), _ALIGN))  # anonymous and MAP_SHARED: a forked child sees the same pages
-    offset = 0
-    for array, size in zip(slots, sizes):
-        view = numpy.frombuffer(block, array.dtype, array.size, offset).reshape(array.shape)
+    for kind in ("params", "grads"):
+        slots[kind].sort(key=lambda slot: _address(slot[1]))  # stable: the model's order where it is not numpy
+    layout, offset, previous = [], 0, None
+    for array, twin in slots["params"] + slots["buffers"] + slots["grads"]:
+        adjacent = (previous is not None and _address(twin) and array.dtype == previous[0].dtype
+                    and _address(twin) == _address(previous[1]) + previous[1].nbytes)
+        if not adjacent:
+            offset = -(-offset // _ALIGN) * _ALIGN
+        layout.append((array, offset))
+        offset += array.nbytes
+        previous = (array, twin)
+    block = mmap.mmap(-1, max(offset, _ALIGN))  # anonymous and MAP_SHARED: a forked child sees the same pages
+    root = numpy.frombuffer(block, numpy.uint8)  # one root, so that neighbouring views merge
+    views = {}
+    for array, start in layout:
+        view = root[start: start + array.nbytes].view(array.dtype).reshape(array.shape)
         view[...] = array
         views[id(array)] = view
-        offset += size
     for _, module in replica.named_modules():
         for kind in ("params", "buffers", "grads"):
             table = getattr(module, kind)
             for key, array in table.items():
                 table[key] = views[id(array)]
     return block, [(views[ident], module, kind, key) for ident, module, kind, key in pairs]
+
+
+def _address(array) -> int:
+    """Where ``array``'s numbers start in memory (0 for an array that is not numpy's or not contiguous)."""
+    return array.ctypes.data if isinstance(array, numpy.ndarray) and array.flags.c_contiguous else 0
 
 
 def _end_with_parent(parent: int | None) -> None:
@@ -148,8 +168,10 @@ class ReplicaProcess:
 
     def refresh(self) -> None:
         """Copy the model's weights and buffers, as they are now, into the replica's shared arrays."""
-        for view, module, table, key in self._copies:
-            numpy.copyto(view, getattr(module, table)[key])
+        columns = [[view for view, _, _, _ in self._copies],
+                   [getattr(module, table)[key] for _, module, table, key in self._copies]]
+        for view, source in threads.runs(columns):  # weights that lie end to end: one copy
+            numpy.copyto(view, source)
 
     def submit(self, kind: str, x, y, weight: float) -> None:
         """Start a pass on the child: ``kind`` is ``"train"`` (forward and backward) or ``"evaluate"``."""
@@ -238,7 +260,7 @@ def _serve(conn, replica, loss_fn, grads, rngs, parent_end=None, parent=None) ->
             for rng, state in zip(rngs, states):
                 rng.bit_generator.state = state
             if kind == "train":
-                for grad in grads:
+                for (grad,) in threads.runs([grads]):
                     grad.fill(0)
                 loss = read_scalar(loss_fn.forward(replica.forward(x), y))
                 replica.backward(loss_fn.backward(weight))

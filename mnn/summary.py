@@ -33,6 +33,7 @@ import copy
 import json
 from dataclasses import asdict, dataclass, field
 
+from mnn import jit, threads
 from mnn.backend import default_dtype, xp
 
 
@@ -50,6 +51,7 @@ class LayerRow:
     cached_bytes: int
     output_bytes: int = 0  # the output, and so the gradient backward receives
     input_gradient_bytes: int = 0  # the gradient backward returns (0 for ids or ``input_grad=False``)
+    temporary_bytes: int = 0  # what backward holds for the parameters' gradients before adding them in
     note: str = ""
 
 
@@ -68,8 +70,12 @@ class Summary:
 
     @property
     def optimizer_bytes(self) -> int:
-        """mnn's AdamW: two moments per parameter, and two scratch buffers the size of the largest."""
-        return 2 * self.parameter_bytes + 2 * self.largest_parameter_bytes
+        """mnn's AdamW: two moments per parameter; on numpy's path (no compiled loops) also two work buffers
+        the size of the largest parameter, or of :data:`mnn.threads.PIECE` numbers where that is smaller."""
+        if jit.enabled():
+            return 2 * self.parameter_bytes
+        itemsize = self.parameter_bytes // max(self.parameters, 1)
+        return 2 * self.parameter_bytes + 2 * min(self.largest_parameter_bytes, threads.PIECE * itemsize)
 
     @property
     def forward_flops(self) -> int:
@@ -101,12 +107,14 @@ class Summary:
         layer $i$ runs, the caches of layers $1..i$ are alive, with the
         gradient it receives (its output's size), the gradient it returns (its
         input's) and a temporary the size of its parameters (``dW`` before it
-        is added into the gradient). The peak is the largest such sum.
+        is added into the gradient; none for a weight whose product adds
+        itself in: :meth:`~mnn.module.Module.gradient_temporary_bytes`). The
+        peak is the largest such sum.
         """
         alive, working = 0, []
         for row in self.rows:
             alive += row.cached_bytes
-            working.append(alive + row.output_bytes + row.input_gradient_bytes + row.parameter_bytes)
+            working.append(alive + row.output_bytes + row.input_gradient_bytes + row.temporary_bytes)
         static = 2 * self.parameter_bytes + self.optimizer_bytes + self.input_bytes
         return static + max([self.cached_bytes, *working])
 
@@ -247,7 +255,7 @@ def summary(model, batch_shape, dtype=None) -> Summary:
         notes += [] if ran else ["not run by forward(): no shapes, no FLOPs"]
         result.rows.append(LayerRow(name, type(module).__name__, output_shape, params, param_bytes,
                                     int(forward_flops), int(backward_flops), cached, output_bytes, returned_bytes,
-                                    note="; ".join(notes)))
+                                    module.gradient_temporary_bytes() if params else 0, note="; ".join(notes)))
         result.parameters += params
         result.parameter_bytes += param_bytes
     if id(_base_arrays(x, [])[0]) not in seen_buffers:

@@ -15,6 +15,13 @@ by the caller. Measured on 2 cores of an Intel Xeon (2026-12-01), over
 Only large work is split (``MIN_ELEMENTS`` in all): below it a thread's
 hand-over costs more than it saves. The thread count is
 :func:`mnn.blas.threads` (numpy's BLAS threads; one inside a replica).
+
+Arrays that lie end to end in one buffer (a model's parameters and gradients
+after :meth:`~mnn.module.Module.flatten_parameters`) are passed over as one:
+:func:`runs` merges them, so that a step makes a few calls of a few hundred
+thousand numbers instead of one call per array. On the GPT CPU recipe
+(52 arrays, 0.81 M float32, one thread, 2026-12-01) the AdamW update took
+1.14 ms array by array and 0.46 ms as one call.
 """
 
 from __future__ import annotations
@@ -22,11 +29,15 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy
+
 from mnn import blas
 from mnn.backend import on_cpu
 
 MIN_ELEMENTS = 1 << 20
+PIECE = 1 << 18  # numbers in one merged run at most: two threads share the pieces, scratch buffers stay small
 _pool = None
+_runs_cache: dict = {}  # ids of the arrays -> (the arrays, their runs): a step passes the same lists every time
 
 
 def _forget_pool() -> None:
@@ -58,3 +69,75 @@ def for_each(function, items: list, sizes: list) -> list:
     finally:
         rest = second.result()  # waited for even when the first run raised
     return first + rest
+
+
+def _root(array):
+    """The ndarray at the bottom of ``array``'s chain of views (the buffer its memory belongs to)."""
+    while isinstance(array.base, numpy.ndarray):
+        array = array.base
+    return array
+
+
+def _merge(arrays: list):
+    """One 1-D view of ``arrays``, which lie end to end in one root buffer."""
+    first, root = arrays[0], _root(arrays[0])
+    start, size = first.ctypes.data - root.ctypes.data, sum(array.nbytes for array in arrays)
+    view = root.reshape(-1).view(numpy.uint8)[start: start + size].view(first.dtype)
+    if not all(array.flags.writeable for array in arrays):
+        view.flags.writeable = False  # no more writable than the arrays it stands for
+    return view
+
+
+def runs(columns: list, piece: int = PIECE) -> list:
+    """The rows of ``columns`` (equal-length lists of arrays, e.g. parameters, gradients, moments), with neighbours
+    merged where every column's arrays lie end to end in one buffer, and long runs cut into ``piece``-sized parts.
+
+    Each row is a tuple with one array per column; a merged or cut row holds
+    1-D views of the same memory, so an element-wise pass over the rows does
+    exactly what it does over the arrays, to the bit. The rows come in the
+    order the first column's arrays lie in memory, not the columns' order.
+    Arrays that are not C-contiguous numpy arrays of one dtype across a row
+    are left as they are, at the end (on a GPU nothing is merged). The answer
+    is cached for the same arrays (the last 16 lists: a step passes the same
+    ones every time, and finding neighbours costs about 4 us an array).
+    """
+    key = tuple(id(array) for column in columns for array in column)
+    cached = _runs_cache.get(key)
+    if cached is not None:
+        return cached[1]
+    rows = list(zip(*columns))
+    if rows and all(isinstance(array, numpy.ndarray) for array in rows[0]):
+        rows = _merged(rows, piece)
+    if len(_runs_cache) >= 16:
+        _runs_cache.clear()
+    _runs_cache[key] = (columns, rows)  # the arrays are held, so their ids cannot be reused while cached
+    return rows
+
+
+def _merged(rows: list, piece: int) -> list:
+    """``rows`` in the order their first arrays lie in memory, neighbours merged, long runs cut (:func:`runs`)."""
+    def flat(row):
+        return (all(isinstance(a, numpy.ndarray) and a.flags.c_contiguous for a in row)
+                and all(a.dtype == row[0].dtype for a in row))
+
+    plain = [(row, [(_root(a), a.ctypes.data) for a in row]) for row in rows if flat(row)]
+    plain.sort(key=lambda item: (id(item[1][0][0]), item[1][0][1]))  # each buffer's arrays by address
+    groups, previous = [], None
+    for row, places in plain:
+        follows = previous is not None and all(
+            root is root_before and address == address_before + before.nbytes
+            for (root, address), (root_before, address_before), before in zip(places, previous[1], previous[0]))
+        if follows:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+        previous = (row, places)
+    merged = []
+    for group in groups:
+        if len(group) == 1 and group[0][0].size <= piece:
+            merged.append(group[0])
+            continue
+        size = sum(int(row[0].size) for row in group)
+        whole = [_merge([row[k] for row in group]) for k in range(len(group[0]))]
+        merged.extend(tuple(view[start: start + piece] for view in whole) for start in range(0, size, piece))
+    return merged + [row for row in rows if not flat(row)]

@@ -49,8 +49,9 @@ def test_an_error_on_either_thread_is_raised_after_both_finish(two_threads):
 
 
 @pytest.mark.parametrize("optimizer", [AdamW, SGD])
-def test_a_step_on_two_threads_equals_one_thread_bit_for_bit(optimizer, monkeypatch):
-    """zero_grad, clipping and the update over 2.6 M numbers: the same bits with one thread or two."""
+def test_a_step_on_two_threads_equals_one_thread_bit_for_bit(optimizer, monkeypatch, compute_path):
+    """zero_grad, clipping and the update over 2.6 M numbers: the same bits with one thread or two (numpy's path
+    too, whose work buffers each thread must have of its own)."""
     if xp._module is not np:
         pytest.skip("numpy arrays only")
     rng = np.random.default_rng(3)
@@ -74,3 +75,38 @@ def test_a_step_on_two_threads_equals_one_thread_bit_for_bit(optimizer, monkeypa
         results.append(params)
     for one, two in zip(*results):
         assert np.array_equal(one, two)
+
+
+def test_runs_merge_neighbours_in_memory_order_and_cut_long_ones():
+    buffer = np.arange(30, dtype=np.float32)
+    other = np.arange(30, dtype=np.float32) * 2
+    a, b, c = buffer[0:10].reshape(2, 5), buffer[10:16], buffer[16:30].reshape(7, 2)
+    x, y, z = other[0:10].reshape(2, 5), other[10:16], other[16:30].reshape(7, 2)
+    rows = threads.runs([[c, a, b], [z, x, y]], piece=12)  # listed out of order: merged by address
+    assert [row[0].size for row in rows] == [12, 12, 6]
+    assert np.array_equal(np.concatenate([row[0] for row in rows]), buffer)
+    assert np.array_equal(np.concatenate([row[1] for row in rows]), other)
+    for row in rows:
+        np.add(row[0], 1, out=row[0])  # views of the same memory
+    assert np.array_equal(buffer, np.arange(30) + 1)
+
+
+def test_runs_leave_apart_what_does_not_lie_end_to_end():
+    buffer = np.zeros(20, np.float32)
+    lone = np.zeros(6, np.float32)
+    strided = np.zeros((4, 6), np.float32)[:, ::2]
+    gap = [buffer[0:5], buffer[6:10]]  # a gap of one number
+    rows = threads.runs([gap + [lone, strided]], piece=100)
+    assert len(rows) == 4
+    assert rows[-1][0] is strided  # not contiguous: as it is, at the end
+    other = np.zeros(20, np.float32)
+    mixed = threads.runs([[buffer[0:5], buffer[5:10]], [other[0:5], np.zeros(5, np.float32)]], piece=100)
+    assert len(mixed) == 2  # the second column's arrays are not neighbours: no merge
+
+
+def test_a_merged_run_is_no_more_writable_than_its_arrays():
+    buffer = np.zeros(10, np.float32)
+    first, second = buffer[:5], buffer[5:]
+    second.flags.writeable = False
+    (row,) = threads.runs([[first, second]], piece=100)
+    assert row[0].size == 10 and not row[0].flags.writeable

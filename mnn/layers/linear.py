@@ -97,6 +97,13 @@ class Linear(Module):
             y += self.params["bias"]  # Eq. (1)
         return y
 
+    def gradient_temporary_bytes(self) -> int:
+        """The bias's ``1^T G`` only, where Eq. (3) is added into the gradient as the product forms (:mod:`mnn.blas`)."""
+        grad = self.grads["weight"]
+        rows = [xp.empty((1, n), dtype=grad.dtype) for n in grad.shape]
+        in_place = blas.can_accumulate(grad, rows[0], rows[1])
+        return sum(int(param.nbytes) for key, param in self.params.items() if key != "weight" or not in_place)
+
     def backward(self, dy):
         x = self.pop_cache()
         check_output_grad(self, dy, x.shape[:-1] + (self.out_features,))

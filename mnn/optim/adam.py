@@ -83,7 +83,6 @@ class Adam(Optimizer):
         return ("exp_avg", "exp_avg_sq")
 
     def update(self, group, param, grad, state, scratch) -> None:
-        work, _ = scratch
         lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         m, v, t = state["exp_avg"], state["exp_avg_sq"], self.step_count
         if jit.usable(param, grad, m, v):
@@ -98,6 +97,7 @@ class Adam(Optimizer):
             cuda_kernels.adam_update(param, grad, m, v, shrink, l2, beta1, beta2, eps, lr / (1.0 - beta1**t),
                                      math.sqrt(1.0 - beta2**t))
             return
+        work, _ = scratch()  # numpy's path: one work array of this thread's own
         g = grad
         if decay != 0.0:
             if self.decoupled:

@@ -28,6 +28,7 @@ four (SGD with momentum) or fifteen (Adam).
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy
 
@@ -83,18 +84,34 @@ class Optimizer:
                 arrays.add(id(param))
         self.step_count = 0
         self.state = {}
-        self._scratch = {}
-        sizes: dict = {}
+        self._rows = []  # (group, param, grad, state) runs that one update call takes (mnn.threads.runs)
         for group in self.groups:
-            for name, param, _ in group["params"]:
-                self.state[name] = {buffer: xp.zeros_like(param) for buffer in self.buffer_names(group)}
-                sizes[param.dtype] = max(sizes.get(param.dtype, 0), int(param.size))
-        flat = {dtype: (xp.empty(size, dtype=dtype), xp.empty(size, dtype=dtype)) for dtype, size in sizes.items()}
-        for group in self.groups:
-            for name, param, _ in group["params"]:
-                first, second = flat[param.dtype]
-                self._scratch[name] = (first[: param.size].reshape(param.shape),
-                                       second[: param.size].reshape(param.shape))
+            buffers = self.buffer_names(group)
+            for buffer in buffers:  # one block per group and buffer: moments lie end to end where parameters do
+                for dtype in {param.dtype for _, param, _ in group["params"]}:
+                    triples = [triple for triple in group["params"] if triple[1].dtype == dtype]
+                    block, offset = xp.zeros(sum(int(param.size) for _, param, _ in triples), dtype=dtype), 0
+                    for name, param, _ in triples:
+                        view = block[offset: offset + param.size].reshape(param.shape)
+                        self.state.setdefault(name, {})[buffer] = view
+                        offset += int(param.size)
+            for name, _, _ in group["params"]:
+                self.state.setdefault(name, {})
+            columns = [[param for _, param, _ in group["params"]], [grad for _, _, grad in group["params"]]]
+            columns += [[self.state[name][buffer] for name, _, _ in group["params"]] for buffer in buffers]
+            for row in threads.runs(columns):
+                self._rows.append((group, row[0], row[1], dict(zip(buffers, row[2:]))))
+        self._scratch = threading.local()  # per thread: the updates of two threads must not share a work buffer
+
+    def _scratch_for(self, param) -> tuple:
+        """Two work arrays shaped like ``param``, this thread's own (numpy's path of an update uses them)."""
+        held = getattr(self._scratch, "buffers", {})
+        first, second = held.get(param.dtype, (None, None))
+        if first is None or first.size < param.size:
+            first, second = xp.empty(param.size, dtype=param.dtype), xp.empty(param.size, dtype=param.dtype)
+            held[param.dtype] = (first, second)
+            self._scratch.buffers = held
+        return first[: param.size].reshape(param.shape), second[: param.size].reshape(param.shape)
 
     def _make_group(self, group: dict, index: int) -> dict:
         unknown = sorted(set(group) - set(self.defaults) - {"params"})
@@ -130,22 +147,31 @@ class Optimizer:
         """Names of the per-parameter state buffers of a parameter in ``group``."""
         return ()
 
-    def update(self, group: dict, param, grad, state: dict, scratch: tuple) -> None:
-        """Change ``param`` in place from ``grad`` and its ``state`` (step $t$ = ``self.step_count``)."""
+    def update(self, group: dict, param, grad, state: dict, scratch) -> None:
+        """Change ``param`` in place from ``grad`` and its ``state`` (step $t$ = ``self.step_count``).
+
+        ``param`` may be a run of several parameters that lie end to end
+        (:func:`mnn.threads.runs`), as a 1-D view: the update is element-wise.
+        ``scratch()`` returns two work arrays shaped like ``param``, this
+        thread's own; only numpy's path asks for them (the compiled loops need none).
+        """
         raise NotImplementedError
 
     # -- the public methods -----------------------------------------------
     def step(self) -> None:
         """Apply one update to every parameter, from the gradients accumulated so far."""
+        for name, param, _ in _all_triples(self.groups):
+            if not getattr(getattr(param, "flags", None), "writeable", True):
+                raise ValueError(f"{type(self).__name__}: parameter {name!r} is read-only (its model's parameters "
+                                 "were moved by flatten_parameters after this optimizer was built: build it after)")
         self.step_count += 1
-        work = [(group, name, param, grad) for group in self.groups for name, param, grad in group["params"]]
-        threads.for_each(lambda item: self.update(item[0], item[2], item[3], self.state[item[1]],
-                                                  self._scratch[item[1]]),
-                         work, [item[2].size for item in work])  # each parameter's update is its own
+        threads.for_each(lambda row: self.update(row[0], row[1], row[2], row[3],
+                                                 lambda: self._scratch_for(row[1])),
+                         self._rows, [row[1].size for row in self._rows])  # each run's update is its own
 
     def zero_grad(self) -> None:
         """Set every gradient array this optimizer updates from to zero, in place."""
-        grads = [grad for _, _, grad in _all_triples(self.groups)]
+        grads = [row[0] for row in threads.runs([[grad for _, _, grad in _all_triples(self.groups)]])]
         threads.for_each(lambda grad: grad.fill(0), grads, [grad.size for grad in grads])
 
     @property
@@ -304,6 +330,7 @@ def clip_grad_norm(grads, max_norm: float) -> float:
         return total_norm
     coefficient = float(max_norm) / (total_norm + 1e-6)  # Eq. (2)
     if coefficient < 1.0:
-        threads.for_each(lambda grad: xp.multiply(grad, coefficient, out=grad), arrays,
-                         [grad.size for grad in arrays])  # Eq. (2)
+        runs = [row[0] for row in threads.runs([arrays])]  # arrays that lie end to end: one call
+        threads.for_each(lambda grad: xp.multiply(grad, coefficient, out=grad), runs,
+                         [grad.size for grad in runs])  # Eq. (2)
     return total_norm

@@ -65,15 +65,15 @@ class SGD(Optimizer):
         return ("momentum",) if group["momentum"] != 0.0 else ()
 
     def update(self, group, param, grad, state, scratch) -> None:
-        work, spare = scratch
         lr, mu, decay = group["lr"], group["momentum"], group["weight_decay"]
-        buf = state["momentum"] if mu != 0.0 else work  # work: an unused stand-in when there is no momentum
+        buf = state["momentum"] if mu != 0.0 else param  # param: an unused stand-in when there is no momentum
         if jit.usable(param, grad, buf):
             real = param.dtype.type
             _sgd_kernel(jit.flat(param), jit.flat(grad), jit.flat(buf), real(lr), real(mu), real(decay),
                         real(1.0 - group["dampening"]), group["nesterov"], self.step_count == 1,
                         real(xp.finfo(param.dtype).tiny))
             return
+        work, spare = scratch()  # numpy's path: two work arrays of this thread's own
         direction = grad
         if decay != 0.0:
             xp.multiply(param, decay, out=work)  # Eq. (1): lambda theta

@@ -206,6 +206,7 @@ class ClassifierTask:
         self.config = config
         self.model = build_classifier(config, self.x_train)
         self.model.config.update(dataset=config.dataset, mean=mean, std=std)
+        self.model.flatten_parameters()  # before the replicas and the optimizer: their passes take whole runs
         self.loss_fn = CrossEntropyLoss()
         on_cpu = xp.__name__ == "numpy"  # threads share one GPU to no gain: one replica there
         self.parallel = DataParallel(self.model, self.loss_fn, getattr(config, "replicas", 1) if on_cpu else 1)

@@ -203,6 +203,7 @@ class LanguageModelTask:
                                 f"{config.block_size}: use a longer text or a smaller --block-size")
         self.config, self.name, self.world = config, config.model, world()
         self.model = build_language_model(config, self.tokenizer.vocab_size)
+        self.model.flatten_parameters()  # before the optimizer and the replicas: their passes take whole runs
         self.optimizer = AdamW(param_groups(self.model, config.weight_decay), lr=config.learning_rate,
                                betas=(config.beta1, config.beta2))
         self.total_steps = config.max_iters
