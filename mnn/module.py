@@ -31,6 +31,7 @@ sub-modules as attributes) name parameters with dots, as PyTorch does:
 from __future__ import annotations
 
 import contextlib
+import mmap
 from collections.abc import Iterator
 
 import numpy
@@ -163,6 +164,11 @@ class Module:
         replicas, makes one call per run of a few hundred thousand numbers
         instead of one per array (:func:`mnn.threads.runs`), with the same bits.
 
+        On the CPU the parameters' buffer is an anonymous shared mapping
+        (``mmap``): :class:`~mnn.parallel.DataParallel`'s replica processes,
+        forked from this one, then read the weights where the optimizer
+        writes them, with no copy before each pass.
+
         Call it before building an optimizer or a ``DataParallel``: they hold
         the arrays, and the arrays this replaces become read-only, so an
         optimizer built earlier fails on its first step instead of updating
@@ -178,7 +184,11 @@ class Module:
         if not total:
             return
         dtype = dtypes.pop()
-        params, grads, moved, offset = xp.empty(total, dtype), xp.empty(total, dtype), {}, 0
+        if isinstance(named[0][0][1], numpy.ndarray):  # shared with forked processes (see above)
+            params = numpy.frombuffer(mmap.mmap(-1, total * dtype.itemsize), dtype, total)
+        else:
+            params = xp.empty(total, dtype)
+        grads, moved, offset = xp.empty(total, dtype), {}, 0
         for (_, param), (_, grad) in named:
             size = int(param.size)
             moved[id(param)] = params[offset: offset + size].reshape(param.shape)

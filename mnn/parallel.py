@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy
@@ -104,9 +105,14 @@ class DataParallel:
         if processes is None:  # processes where they can run (numpy arrays, fork, no MPI); threads elsewhere
             processes = replicas > 1 and xp.__name__ == "numpy" and replica_process.available()
         self.processes = bool(processes) and replicas > 1
-        self._workers = {k: replica_process.ReplicaProcess(k, model, self.models[k], self.losses[k])
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        spin = replica_process.SPIN_SECONDS if replicas <= cores else 0.0  # polling pays with a core each
+        self._workers = {k: replica_process.ReplicaProcess(k, model, self.models[k], self.losses[k], spin)
                          for k in range(1, replicas)} if self.processes else {}
         self._grads = [[grad for _, grad in replica.named_grads()] for replica in self.models]  # fixed arrays
+        originals = dict(model.named_modules())
+        self._shared = [(module.params, key, originals[name].params) for replica in self.models[1:] if not self.processes
+                        for name, module in replica.named_modules() for key in module.params]  # the same arrays
         threads = replicas > 1 and not self.processes
         self._pool = ThreadPoolExecutor(replicas - 1, thread_name_prefix="mnn-replica") if threads else None
         self._blas = None
@@ -159,6 +165,10 @@ class DataParallel:
                 for k, (x, y) in enumerate(shards) if len(x)]
         if self._workers:
             return self._map_processes(jobs)
+        for own, key, theirs in self._shared:
+            if own[key] is not theirs[key]:
+                raise RuntimeError(f"DataParallel: the model's parameter {key!r} was replaced after its replicas were "
+                                   "built (flatten_parameters after DataParallel?): build DataParallel after")
         for replica in self.models[1:]:  # broadcast the buffers from replica 0 (running statistics)
             for (_, own), (_, theirs) in zip(replica.named_buffers(), self.model.named_buffers()):
                 own[...] = theirs
@@ -227,6 +237,8 @@ class DataParallel:
                 pairs = threads.runs([self._grads[0], self._grads[k]])  # gradients that lie end to end: one call
                 threads.for_each(lambda pair: xp.add(pair[0], pair[1], out=pair[0]), pairs,
                                  [total.size for total, _ in pairs])  # Eq. (1): the sum over replicas, in order
+                if k in self._workers:
+                    self._workers[k].release()  # its process zeroes them while this one goes on
         return float(sum(losses[k] * len(shards[k][0]) / rows * scale for k in sorted(losses)))  # Eq. (1)
 
     @no_grad()

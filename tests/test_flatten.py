@@ -102,3 +102,45 @@ def test_flattened_sgd_with_momentum_gives_the_same_bits(compute_path):
         results.append({name: value.copy() for name, value in layer.state_dict().items()})
     for name in results[0]:
         assert np.array_equal(results[0][name], results[1][name]), name
+
+
+@pytest.mark.skipif(not replica_process.available(), reason="no fork here")
+def test_replica_processes_read_flattened_weights_in_place_and_refuse_a_replaced_one():
+    model = GPT(CONFIG, seed=5)
+    model.flatten_parameters()
+    parallel = DataParallel(model, CrossEntropyLoss(), 2, processes=True)
+    try:
+        worker = parallel._workers[1]
+        assert not any(kind == "params" for _, _, kind, _ in worker._copies)  # nothing copied before a pass
+        assert parallel.models[1].transformer.wte.params["weight"] is model.transformer.wte.params["weight"]
+        for step in range(2):  # the second pass runs in the child
+            parallel.forward_backward(*tokens(4, step))
+        model.flatten_parameters()  # the replica would read arrays the model no longer uses
+        with pytest.raises(RuntimeError, match="replaced after its replica processes were built"):
+            parallel.forward_backward(*tokens(4, 3))
+    finally:
+        parallel.close()
+
+
+def test_the_parent_polls_for_answers_only_with_a_core_per_process(monkeypatch):
+    if not replica_process.available():
+        pytest.skip("no fork here")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    spins = []
+    for replicas in (2, 3):
+        parallel = DataParallel(GPT(CONFIG, seed=5), CrossEntropyLoss(), replicas, processes=True)
+        spins.append({worker.spin for worker in parallel._workers.values()})
+        parallel.close()
+    assert spins == [{replica_process.SPIN_SECONDS}, {0.0}]
+
+
+def test_replica_threads_refuse_weights_replaced_after_them():
+    model = GPT(CONFIG, seed=5)
+    parallel = DataParallel(model, CrossEntropyLoss(), 2, processes=False)
+    try:
+        parallel.forward_backward(*tokens(4, 0))
+        model.flatten_parameters()
+        with pytest.raises(RuntimeError, match="replaced after its replicas were built"):
+            parallel.forward_backward(*tokens(4, 1))
+    finally:
+        parallel.close()
