@@ -203,6 +203,7 @@ class MLPStep(Case):
 
         model = MLP(MLP_SIZES[0], (MLP_SIZES[1],), MLP_SIZES[2], seed=0)
         model.load_state_dict(state)
+        model.flatten_parameters()  # as ClassifierTask does, before its optimizer
         assert not model[0].input_grad  # MLP skips the data's gradient, as autograd does
         loss_fn = CrossEntropyLoss()
         optimizer = SGD(model, lr=MLP_LR, momentum=MLP_MOMENTUM)

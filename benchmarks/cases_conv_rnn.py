@@ -74,6 +74,7 @@ class CNNStep(Case):
 
         model = CNN(seed=0)
         model.load_state_dict(state)
+        model.flatten_parameters()  # as ClassifierTask does, before its replicas and optimizer
         parallel = DataParallel(model, CrossEntropyLoss(), self.replicas)  # as ClassifierTask runs it
         optimizer = AdamW(param_groups(model, CNN_ADAMW["weight_decay"]), lr=CNN_ADAMW["lr"])
         x, y = data["x"], data["y"]
