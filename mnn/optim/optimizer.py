@@ -18,11 +18,18 @@ for ``safetensors``.
 
 Numerics: updates run in the parameter's dtype (hyper-parameters are Python
 floats, which NumPy 2 does not let promote float32 to float64), with in-place
-ufuncs (``out=``, ``*=``) and two scratch buffers shared by all parameters of
-a dtype, so a step allocates no parameter-sized temporaries. With numba
-installed (:mod:`mnn.jit`), SGD and Adam(W) run the same equations as one
-compiled loop per parameter instead: one pass over memory where numpy takes
-four (SGD with momentum) or fifteen (Adam).
+ufuncs (``out=``, ``*=``) and two work buffers per thread, made at the first
+step and reused by every parameter of a dtype, so a step allocates no
+parameter-sized temporaries. With numba installed (:mod:`mnn.jit`), SGD and
+Adam(W) run the same equations as one compiled loop per parameter instead
+(no work buffers): one pass over memory where numpy takes four (SGD with
+momentum) or fifteen (Adam).
+
+Parameters that lie end to end in memory
+(:meth:`~mnn.module.Module.flatten_parameters`) are updated as runs of up to
+:data:`mnn.threads.PIECE` numbers, one call each (:func:`mnn.threads.runs`),
+with the same bits; their moments are laid out the same way, one block per
+group.
 """
 
 from __future__ import annotations
