@@ -167,7 +167,9 @@ class Module:
         On the CPU the parameters' buffer is an anonymous shared mapping
         (``mmap``): :class:`~mnn.parallel.DataParallel`'s replica processes,
         forked from this one, then read the weights where the optimizer
-        writes them, with no copy before each pass.
+        writes them, with no copy before each pass. (Any process forked
+        afterwards shares them the same way: what it writes there, this one
+        sees.)
 
         Call it before building an optimizer or a ``DataParallel``: they hold
         the arrays, and the arrays this replaces become read-only, so an
