@@ -111,8 +111,9 @@ class DataParallel:
                          for k in range(1, replicas)} if self.processes else {}
         self._grads = [[grad for _, grad in replica.named_grads()] for replica in self.models]  # fixed arrays
         originals = dict(model.named_modules())
-        self._shared = [(module.params, key, originals[name].params) for replica in self.models[1:] if not self.processes
-                        for name, module in replica.named_modules() for key in module.params]  # the same arrays
+        threaded = [] if self.processes else self.models[1:]  # their params are the model's own arrays
+        self._shared = [(module.params, key, originals[name].params) for replica in threaded
+                        for name, module in replica.named_modules() for key in module.params]
         threads = replicas > 1 and not self.processes
         self._pool = ThreadPoolExecutor(replicas - 1, thread_name_prefix="mnn-replica") if threads else None
         self._blas = None

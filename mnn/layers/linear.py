@@ -98,7 +98,7 @@ class Linear(Module):
         return y
 
     def gradient_temporary_bytes(self) -> int:
-        """The bias's ``1^T G`` only, where Eq. (3) is added into the gradient as the product forms (:mod:`mnn.blas`)."""
+        """The bias's ``1^T G`` only, where Eq. (3) adds into the gradient as the product forms (:mod:`mnn.blas`)."""
         grad = self.grads["weight"]
         rows = [xp.empty((1, n), dtype=grad.dtype) for n in grad.shape]
         in_place = blas.can_accumulate(grad, rows[0], rows[1])
