@@ -112,8 +112,8 @@ class DataParallel:
         self._grads = [[grad for _, grad in replica.named_grads()] for replica in self.models]  # fixed arrays
         originals = dict(model.named_modules())
         threaded = [] if self.processes else self.models[1:]  # their params are the model's own arrays
-        self._shared = [(module.params, key, originals[name].params) for replica in threaded
-                        for name, module in replica.named_modules() for key in module.params]
+        self._kept = [(array, originals[name].params, key) for replica in threaded
+                      for name, module in replica.named_modules() for key, array in module.params.items()]
         threads = replicas > 1 and not self.processes
         self._pool = ThreadPoolExecutor(replicas - 1, thread_name_prefix="mnn-replica") if threads else None
         self._blas = None
@@ -166,10 +166,7 @@ class DataParallel:
                 for k, (x, y) in enumerate(shards) if len(x)]
         if self._workers:
             return self._map_processes(jobs)
-        for own, key, theirs in self._shared:
-            if own[key] is not theirs[key]:
-                raise RuntimeError(f"DataParallel: the model's parameter {key!r} was replaced after its replicas were "
-                                   "built (flatten_parameters after DataParallel?): build DataParallel after")
+        replica_process.refuse_replaced(self._kept, "replicas")
         for replica in self.models[1:]:  # broadcast the buffers from replica 0 (running statistics)
             for (_, own), (_, theirs) in zip(replica.named_buffers(), self.model.named_buffers()):
                 own[...] = theirs

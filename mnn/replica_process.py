@@ -100,7 +100,7 @@ def _share(replica, model) -> tuple[mmap.mmap, list]:
                 twin = getattr(sources[name], kind)[key]
                 if kind == "params" and _in_shared_memory(twin):
                     views[id(array)] = twin  # the model's own array: the child reads what the optimizer writes
-                    kept.append((twin, sources[name], key))
+                    kept.append((twin, sources[name].params, key))
                 elif id(array) not in seen:
                     seen.add(id(array))
                     slots[kind].append((array, twin))
@@ -135,10 +135,18 @@ def _in_shared_memory(array) -> bool:
     """Whether ``array`` is a view of an anonymous shared mapping (:meth:`~mnn.module.Module.flatten_parameters`)."""
     if not isinstance(array, numpy.ndarray):
         return False
-    while isinstance(array.base, numpy.ndarray):
-        array = array.base
-    base = array.base.obj if isinstance(array.base, memoryview) else array.base  # numpy.frombuffer's
+    base = threads.root(array).base
+    base = base.obj if isinstance(base, memoryview) else base  # numpy.frombuffer's
     return isinstance(base, mmap.mmap)
+
+
+def refuse_replaced(kept: list, replicas: str = "replica processes") -> None:
+    """Raise if a model's parameter that ``replicas`` read in place, ``(array, the model's params table, key)``,
+    was replaced since: they would read an array the model no longer uses."""
+    for array, table, key in kept:
+        if table[key] is not array:
+            raise RuntimeError(f"DataParallel: the model's parameter {key!r} was replaced after its {replicas} were "
+                               "built (flatten_parameters after DataParallel?): build DataParallel after")
 
 
 def _address(array) -> int:
@@ -198,10 +206,7 @@ class ReplicaProcess:
     def refresh(self) -> None:
         """Copy the model's weights and buffers, as they are now, into the replica's shared arrays (weights
         already in shared memory are read by the child where they are)."""
-        for array, module, key in self._kept:
-            if module.params[key] is not array:
-                raise RuntimeError(f"DataParallel: the model's parameter {key!r} was replaced after its replica "
-                                   "processes were built (flatten_parameters after DataParallel?): build it after")
+        refuse_replaced(self._kept)
         columns = [[view for view, _, _, _ in self._copies],
                    [getattr(module, table)[key] for _, module, table, key in self._copies]]
         for view, source in threads.runs(columns):  # weights that lie end to end: one copy

@@ -74,7 +74,7 @@ def for_each(function, items: list, sizes: list) -> list:
     return first + rest
 
 
-def _root(array):
+def root(array):
     """The ndarray at the bottom of ``array``'s chain of views (the buffer its memory belongs to)."""
     while isinstance(array.base, numpy.ndarray):
         array = array.base
@@ -83,9 +83,9 @@ def _root(array):
 
 def _merge(arrays: list):
     """One 1-D view of ``arrays``, which lie end to end in one root buffer."""
-    first, root = arrays[0], _root(arrays[0])
-    start, size = first.ctypes.data - root.ctypes.data, sum(array.nbytes for array in arrays)
-    view = root.reshape(-1).view(numpy.uint8)[start: start + size].view(first.dtype)
+    first, buffer = arrays[0], root(arrays[0])
+    start, size = first.ctypes.data - buffer.ctypes.data, sum(array.nbytes for array in arrays)
+    view = buffer.reshape(-1).view(numpy.uint8)[start: start + size].view(first.dtype)
     if not all(array.flags.writeable for array in arrays):
         view.flags.writeable = False  # no more writable than the arrays it stands for
     return view
@@ -123,13 +123,13 @@ def _merged(rows: list, piece: int) -> list:
         return (all(isinstance(a, numpy.ndarray) and a.flags.c_contiguous for a in row)
                 and all(a.dtype == row[0].dtype for a in row))
 
-    plain = [(row, [(_root(a), a.ctypes.data) for a in row]) for row in rows if flat(row)]
+    plain = [(row, [(root(a), a.ctypes.data) for a in row]) for row in rows if flat(row)]
     plain.sort(key=lambda item: (id(item[1][0][0]), item[1][0][1]))  # each buffer's arrays by address
     groups, previous = [], None
     for row, places in plain:
         follows = previous is not None and all(
-            root is root_before and address == address_before + before.nbytes
-            for (root, address), (root_before, address_before), before in zip(places, previous[1], previous[0]))
+            buffer is buffer_before and address == address_before + before.nbytes
+            for (buffer, address), (buffer_before, address_before), before in zip(places, previous[1], previous[0]))
         if follows:
             groups[-1].append(row)
         else:

@@ -95,7 +95,7 @@ class Optimizer:
         for group in self.groups:
             buffers = self.buffer_names(group)
             for buffer in buffers:  # one block per group and buffer: moments lie end to end where parameters do
-                for dtype in {param.dtype for _, param, _ in group["params"]}:
+                for dtype in dict.fromkeys(param.dtype for _, param, _ in group["params"]):  # in the group's order
                     triples = [triple for triple in group["params"] if triple[1].dtype == dtype]
                     block, offset = xp.zeros(sum(int(param.size) for _, param, _ in triples), dtype=dtype), 0
                     for name, param, _ in triples:
