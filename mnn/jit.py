@@ -95,21 +95,25 @@ def memory_order(array) -> tuple:
     return tuple(sorted(range(array.ndim), key=lambda axis: -abs(array.strides[axis])))
 
 
-def kernel(function=None, *, reassociate: bool = False):
+def kernel(function=None, *, reassociate: bool = False, fused_multiply_add: bool = False):
     """Compile ``function`` with numba on its first call (no Python objects, GIL released, cached on disk).
 
     ``error_model="numpy"``: a division by zero gives ``inf``/``nan`` as in
     numpy instead of raising, which also lets the loops be vectorised.
     ``reassociate=True`` lets a sum over a row be added in any order (SIMD
-    partial sums, as numpy's own reductions do); nothing else of fast-math.
+    partial sums, as numpy's own reductions do); ``fused_multiply_add=True``
+    lets ``a * b + c`` be one instruction rounded once (polynomials); nothing
+    else of fast-math.
     Callers check :func:`enabled` first: without numba nothing is compiled,
     and the loop is never run element by element in Python. Where numba
     cannot cache (no writable folder; a cache file it cannot read or write),
     the kernel is compiled without a cache and :func:`_warn_uncached` says so once.
     """
     if function is None:
-        return lambda f: kernel(f, reassociate=reassociate)
-    options = {"nogil": True, "error_model": "numpy", "fastmath": {"reassoc"} if reassociate else False}
+        return lambda f: kernel(f, reassociate=reassociate, fused_multiply_add=fused_multiply_add)
+    flags = {"reassoc"} if reassociate else set()
+    flags |= {"contract"} if fused_multiply_add else set()
+    options = {"nogil": True, "error_model": "numpy", "fastmath": flags or False}
     compiled = None
 
     @functools.wraps(function)

@@ -155,6 +155,45 @@ def test_gelu_under_no_grad_keeps_nothing_and_says_so_on_backward(compute_path):
     assert_no_grad_keeps_nothing(layer, x)
 
 
+def test_gelu_float32_loop_is_within_its_stated_error_and_exact_at_the_limits():
+    """The one-pass float32 forward (Eq. 4's rational tanh): the gate within 3e-7 of float64's on [-15, 15],
+    y within 2e-6, and PyTorch's values at +-20, +-inf and NaN."""
+    from mnn.layers import gelu
+
+    x = np.linspace(-15.0, 15.0, 600_001, dtype=np.float32)
+    gate, y = np.empty_like(x), np.empty_like(x)
+    gelu._gelu_float32_kernel(x, gate, y)
+    exact = 0.5 * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x.astype(np.float64) + 0.044715 * x.astype(np.float64) ** 3)))
+    assert np.abs(gate - exact).max() <= 3e-7
+    assert np.abs(y - x * exact).max() <= 2e-6
+    edges = np.array([-np.inf, np.inf, np.nan, -20.0, 20.0, -1e20, 1e20], dtype=np.float32)
+    gate, y = np.empty_like(edges), np.empty_like(edges)
+    with np.errstate(invalid="ignore", over="ignore"):
+        gelu._gelu_float32_kernel(edges, gate, y)
+    expected = F.gelu(torch.from_numpy(edges), approximate="tanh").numpy()
+    assert np.array_equal(y, expected, equal_nan=True) and np.array_equal(np.signbit(y), np.signbit(expected))
+
+
+def test_gelu_tanh_coefficients_are_the_fit_of_tools_fit_tanh():
+    """The rational tanh's coefficients are what tools/fit_tanh.py derives, and within 6 ulp in float32."""
+    import importlib.util
+    from pathlib import Path
+
+    from mnn.layers import gelu
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "fit_tanh.py"
+    spec = importlib.util.spec_from_file_location("fit_tanh", path)
+    fit_tanh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit_tanh)
+    p, q, error = fit_tanh.fit()
+    assert error < 1e-8 and fit_tanh.LIMIT == gelu._TANH_LIMIT
+    np.testing.assert_allclose(p, gelu._TANH_P, rtol=1e-5)
+    np.testing.assert_allclose(q, gelu._TANH_Q, rtol=1e-5)
+    u = np.linspace(-9.0, 9.0, 400_001, dtype=np.float32)
+    p32, q32 = np.float32(gelu._TANH_P), np.float32(gelu._TANH_Q)
+    assert fit_tanh.ulps(fit_tanh.tanh32(u, p32, q32), u).max() <= 6.0
+
+
 # -- attention ---------------------------------------------------------------------
 def torch_attention(layer, x, dtype, causal):
     """The same attention through torch's fused scaled_dot_product_attention (a different algorithm)."""

@@ -24,7 +24,7 @@ PACKAGE = "mnn"
 # ``__init__`` comes first, with its overview; its modules follow.
 READING_ORDER = [
     "module",
-    "layers", "layers.linear", "layers.activation", "layers.prelu", "layers.softmax", "layers.dropout", "layers.matmul",
+    "layers", "layers.linear", "layers.activation", "layers.gelu", "layers.prelu", "layers.softmax", "layers.dropout", "layers.matmul",
     "layers.embedding", "layers.normalization", "layers.attention",
     "layers.rnn", "layers.input_projection", "layers.elman", "layers.lstm", "layers.lstm_compiled", "layers.gru",
     "losses",

@@ -94,7 +94,7 @@ CASES: dict[str, Case] = {
                                   lambda rng: (labels(rng, 7, 2, 3),)),
     "layers.normalization.LayerNorm": Case("LayerNorm(4), x (2, 3, 4)", lambda m, rng: m.LayerNorm(4),
                                   lambda rng: (normal(rng, 2, 3, 4),)),
-    "layers.activation.GELU": Case("GELU(), x (3, 5)", lambda m, rng: m.GELU(), lambda rng: (normal(rng, 3, 5),)),
+    "layers.gelu.GELU": Case("GELU(), x (3, 5)", lambda m, rng: m.GELU(), lambda rng: (normal(rng, 3, 5),)),
     "layers.attention.MultiHeadAttention": Case("MultiHeadAttention(4, 2), causal, x (2, 3, 4)",
                                            lambda m, rng: m.MultiHeadAttention(4, 2, rng=rng),
                                            lambda rng: (normal(rng, 2, 3, 4),)),

@@ -250,7 +250,7 @@ EXERCISES: list[Exercise] = [
              "the backward of a composite layer, through its sub-layers"),
     Exercise("LayerNorm", L + "normalization", 3, "LayerNorm", _layer_norm, "a Jacobian that couples the row",
              drop=("_backward_compiled",)),
-    Exercise("GELU", L + "activation", 2, "GELU", _elementwise(), "product and chain rule on the tanh form"),
+    Exercise("GELU", L + "gelu", 2, "GELU", _elementwise(), "product and chain rule on the tanh form"),
 ]
 
 

@@ -1,18 +1,19 @@
 """Every layer, by family as in ``torch.nn.modules``: ``from mnn.layers import Linear, GELU, LayerNorm``.
 
-Read them in this order: ``linear`` (the exemplar), ``activation`` (and ``prelu``),
+Read them in this order: ``linear`` (the exemplar), ``activation`` (and ``gelu``, ``prelu``),
 ``softmax``, ``dropout``, ``matmul``, ``embedding``, ``normalization``,
 ``attention``, ``rnn`` (then ``input_projection``, ``elman``, ``lstm``, ``gru``). Each file holds a family's
 layers with their compiled loops (:mod:`mnn.jit`) beside them.
 """
 
-from mnn.layers.activation import ELU, GELU, LeakyReLU, Log, ReLU, Sigmoid, SiLU, Tanh
+from mnn.layers.activation import ELU, LeakyReLU, Log, ReLU, Sigmoid, SiLU, Tanh
 from mnn.layers.attention import MultiHeadAttention
 from mnn.layers.batchnorm import BatchNorm1d, BatchNorm2d
 from mnn.layers.conv import Conv2d
 from mnn.layers.dropout import Dropout
 from mnn.layers.embedding import Embedding
 from mnn.layers.flatten import Flatten
+from mnn.layers.gelu import GELU
 from mnn.layers.gru import GRU
 from mnn.layers.linear import Linear
 from mnn.layers.lstm import LSTM

@@ -1,19 +1,17 @@
-r"""Element-wise activations: ReLU, LeakyReLU, Sigmoid, Tanh, Log, GELU, SiLU and ELU.
+r"""Element-wise activations: ReLU, LeakyReLU, Sigmoid, Tanh, Log, SiLU and ELU (GELU: :mod:`mnn.layers.gelu`).
 
 Each has a diagonal Jacobian, so its vector-Jacobian product is an
 element-wise product with the local derivative; the docstrings derive it
-element by element (``\tag{n}`` / ``# Eq. (n)``). ReLU and GELU have compiled
-loops (:mod:`mnn.jit`) beside them, tested against the numpy path.
+element by element (``\tag{n}`` / ``# Eq. (n)``). ReLU has compiled
+loops (:mod:`mnn.jit`) beside it, tested against the numpy path.
 """
 
 from __future__ import annotations
 
-import math
-
-from mnn import cuda_kernels, jit
+from mnn import jit
 from mnn.backend import xp
 from mnn.errors import InputError
-from mnn.module import Module, check_output_grad, grad_enabled
+from mnn.module import Module, check_output_grad
 
 
 class ReLU(Module):
@@ -170,143 +168,6 @@ class Log(Module):
         x = self.pop_cache()
         check_output_grad(self, dy, x.shape)
         return dy / x  # Eq. (2)
-
-
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_GELU_CUBIC = 0.044715
-
-
-class GELU(Module):
-    r"""Gaussian error linear unit in GPT-2's tanh form (PyTorch ``approximate='tanh'``), element-wise.
-
-    Forward, with the gate $a$:
-
-    $$
-    u = \sqrt{2/\pi}\,\big(x + 0.044715\, x^3\big), \qquad
-    a = \tfrac{1}{2}\big(1 + \tanh u\big), \qquad
-    y = x\, a. \tag{1}
-    $$
-
-    Backward. Each output depends on its own input only, so the Jacobian is
-    diagonal, $J = \operatorname{diag}(y'(x))$, with (product rule, and
-    $\tanh' = 1 - \tanh^2$)
-
-    $$
-    y'(x) = \tfrac{1}{2}\big(1 + \tanh u\big)
-    + \tfrac{1}{2}\, x\, \big(1 - \tanh^2 u\big)\, \sqrt{2/\pi}\,\big(1 + 3 \cdot 0.044715\, x^2\big).
-    $$
-
-    Since $\tanh u = 2a - 1$, $1 - \tanh^2 u = 4a(1 - a)$, and in terms of the gate
-
-    $$
-    y'(x) = a + 2 \sqrt{2/\pi}\; x \big(1 + 3 \cdot 0.044715\, x^2\big)\, a\, (1 - a). \tag{2}
-    $$
-
-    The vector-Jacobian product is one element-wise product:
-
-    $$
-    \frac{\partial L}{\partial x} = J^\top g = g \odot y'(x). \tag{3}
-    $$
-
-    Cache (none under :func:`mnn.no_grad`): the input $x$ and
-    the gate $a$ (one extra array, which saves
-    recomputing ``tanh``, the most expensive operation here, in backward; with
-    $a$ rather than $\tanh u$, Eq. 2 takes three fewer passes than the tanh form).
-
-    With numba installed (:mod:`mnn.jit`), forward is three passes instead of
-    eight (a compiled loop for $u$, numpy's vectorised ``tanh``, a compiled
-    loop for $a$ and $y$) and backward one compiled loop for (2)-(3) instead
-    of nine numpy passes.
-    """
-
-    def forward(self, x):
-        if jit.usable(x):
-            return self._forward_compiled(x)
-        if cuda_kernels.usable(x):  # the GPU: Eq. (1) in one pass
-            gate, y = cuda_kernels.gelu_forward(x, _SQRT_2_OVER_PI, _GELU_CUBIC * _SQRT_2_OVER_PI)
-            self.cache = (x, gate)
-            return y
-        u = x * x
-        u *= _GELU_CUBIC * _SQRT_2_OVER_PI
-        u += _SQRT_2_OVER_PI
-        u *= x  # Eq. (1): u = sqrt(2/pi) x (1 + 0.044715 x^2)
-        gate = xp.tanh(u, out=u)
-        gate += 1.0
-        gate *= 0.5  # Eq. (1): a = (1 + tanh u) / 2
-        if not grad_enabled():  # nothing to keep for a backward: the output takes the gate's memory
-            gate *= x  # Eq. (1)
-            return gate
-        self.cache = (x, gate)
-        return x * gate  # Eq. (1)
-
-    def backward(self, dy):
-        x, gate = self.pop_cache()
-        check_output_grad(self, dy, x.shape)
-        if jit.usable(x, gate, dy):
-            dx = xp.empty_like(dy)
-            real = x.dtype.type
-            _gelu_backward_kernel(jit.flat(x), jit.flat(gate), jit.flat(dy), jit.flat(dx), real(1.0),
-                                  real(2.0 * _SQRT_2_OVER_PI), real(6.0 * _GELU_CUBIC * _SQRT_2_OVER_PI))
-            return dx
-        if cuda_kernels.usable(x, gate, dy):  # the GPU: Eqs. (2)-(3) in one pass
-            return cuda_kernels.gelu_backward(x, gate, dy, 2.0 * _SQRT_2_OVER_PI, 6.0 * _GELU_CUBIC * _SQRT_2_OVER_PI)
-        slope = x * x
-        slope *= 6.0 * _GELU_CUBIC * _SQRT_2_OVER_PI
-        slope += 2.0 * _SQRT_2_OVER_PI
-        slope *= x  # Eq. (2): 2 sqrt(2/pi) x (1 + 3c x^2)
-        slope *= gate
-        slope *= 1.0 - gate  # Eq. (2): times a (1 - a)
-        slope += gate  # Eq. (2)
-        slope *= dy  # Eq. (3)
-        return slope
-
-    def _forward_compiled(self, x):
-        """Eq. (1) in three passes (compiled, numpy's ``tanh``, compiled) instead of eight."""
-        real = x.dtype.type
-        u = xp.empty_like(x)
-        _gelu_argument_kernel(jit.flat(x), jit.flat(u), real(_SQRT_2_OVER_PI), real(_GELU_CUBIC * _SQRT_2_OVER_PI))
-        gate = xp.tanh(u, out=u)  # Eq. (1): tanh u
-        if not grad_enabled():  # nothing to keep for a backward: the output takes the gate's memory
-            _gelu_output_kernel(jit.flat(x), jit.flat(gate), real(0.5))
-            return gate
-        y = xp.empty_like(x)
-        _gelu_gate_kernel(jit.flat(x), jit.flat(gate), jit.flat(y), real(0.5))
-        self.cache = (x, gate)
-        return y
-
-
-@jit.kernel
-def _gelu_argument_kernel(x, u, s, sc):
-    """GELU Eq. (1): ``u = sqrt(2/pi) (x + 0.044715 x^3)`` as ``(x^2 (0.044715 s) + s) x``, ``s`` = sqrt(2/pi)."""
-    for i in range(x.size):
-        xi = x[i]
-        u[i] = (xi * xi * sc + s) * xi  # Eq. (1)
-
-
-@jit.kernel
-def _gelu_gate_kernel(x, gate, y, half):
-    """GELU Eq. (1): ``gate`` holds ``tanh u`` on entry and the gate ``a`` on return; ``y = x a``."""
-    for i in range(x.size):
-        a = gate[i] * half + half  # Eq. (1): a = (1 + tanh u) / 2
-        gate[i] = a
-        y[i] = x[i] * a  # Eq. (1)
-
-
-@jit.kernel
-def _gelu_output_kernel(x, gate, half):
-    """GELU Eq. (1) under no_grad: ``gate`` holds ``tanh u`` on entry and ``y = x a`` on return."""
-    for i in range(x.size):
-        gate[i] = x[i] * (gate[i] * half + half)  # Eq. (1)
-
-
-@jit.kernel
-def _gelu_backward_kernel(x, gate, dy, dx, one, s2, s6c):
-    """GELU Eqs. (2)-(3): ``dx = dy (a + 2 s x (1 + 3c x^2) a (1 - a))``, ``s2`` = 2s, ``s6c`` = 6cs."""
-    for i in range(x.size):
-        xi = x[i]
-        a = gate[i]
-        slope = (xi * xi * s6c + s2) * xi * a * (one - a) + a  # Eq. (2)
-        dx[i] = slope * dy[i]  # Eq. (3)
 
 
 class LeakyReLU(Module):
