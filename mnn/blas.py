@@ -275,6 +275,18 @@ def matmul(a, b, out=None):
     return xp.matmul(a, b, out=out)
 
 
+def add_matmul(out, a, b) -> None:
+    """``out += a @ b``: one ``sgemm`` with $\\beta = 1$ where :func:`matmul` would call MKL (and ``out`` is
+    row-major), else numpy's ``out += a @ b`` (a temporary, then the sum)."""
+    if (library() == "mkl" and threads() == 1 and on_cpu() and _readable(a) and _readable(b) and _readable(out)
+            and a.ndim == b.ndim == out.ndim >= 2 and a.shape[:-2] == b.shape[:-2] == out.shape[:-2]
+            and a.shape[-1] == b.shape[-2] and out.shape[-2:] == (a.shape[-2], b.shape[-1])
+            and a.shape[-2] * a.shape[-1] * b.shape[-1] >= MIN_MATRIX and _layout(out)[0] == NO_TRANS
+            and sgemm_address() is not None and _multiply(a, b, out, 1.0)):
+        return
+    out += xp.matmul(a, b)
+
+
 def _multiply(a, b, out, beta: float) -> bool:
     """``out = a @ b + beta * out`` through sgemm; False (nothing written) where the stack does not collapse."""
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]

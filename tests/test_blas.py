@@ -116,7 +116,24 @@ def test_mkl_runs_on_one_thread_only_and_leaves_the_rest_to_numpy(mkl, monkeypat
 
 
 @needs_mkl
-def test_a_gpt_step_on_mkl_matches_numpy(mkl, monkeypatch):
+def test_mkl_adds_a_product_into_rows_of_a_stack(mkl, monkeypatch):
+    """``add_matmul`` (attention's Eq. 11): ``out += a @ b`` into the first rows of each matrix of a stack, one
+    batched sgemm with beta = 1; the other rows are left alone."""
+    whole, scores, rows = normal(2, 3, 10, 8), normal(2, 3, 4, 6), normal(2, 3, 4, 8)
+    before = whole.copy()
+    expected = whole[..., :6, :].astype(np.float64) + np.swapaxes(scores, -1, -2).astype(np.float64) @ rows
+    ran = []
+    real = blas._multiply
+    monkeypatch.setattr(blas, "_multiply", lambda *args: ran.append(args[-1]) or real(*args))
+    monkeypatch.setattr(blas, "MIN_MATRIX", 1)
+    blas.add_matmul(whole[..., :6, :], np.swapaxes(scores, -1, -2), rows)
+    assert ran == [1.0]
+    assert relative_error(whole[..., :6, :], expected) <= 1e-6 and np.array_equal(whole[..., 6:, :], before[..., 6:, :])
+
+
+@needs_mkl
+@pytest.mark.parametrize("causal_block", [64, 8])  # 8: the row blocks of causal attention (Eqs. 7-11)
+def test_a_gpt_step_on_mkl_matches_numpy(mkl, monkeypatch, causal_block):
     """The same GPT step with MKL's products and with numpy's: the loss and every gradient agree to float32."""
     config = GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=4, n_embd=128)
     idx = np.random.default_rng(1).integers(0, 65, (4, 32))
@@ -125,6 +142,9 @@ def test_a_gpt_step_on_mkl_matches_numpy(mkl, monkeypatch):
     def step(library):
         monkeypatch.setattr(blas, "_library", library)
         model, loss_fn = GPT(config, seed=5), CrossEntropyLoss()
+        for _, module in model.named_modules():
+            if hasattr(module, "causal_block"):
+                module.causal_block = causal_block
         loss = float(loss_fn.forward(model.forward(idx), targets))
         model.backward(loss_fn.backward())
         return loss, dict(model.named_grads())

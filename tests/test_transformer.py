@@ -236,6 +236,10 @@ def test_causal_blocks_equal_the_full_products(dropout):
         layer.attn_dropout.rng, layer.resid_dropout.rng = np.random.default_rng(1), np.random.default_rng(2)
         y = layer.forward(x)
         assert (layer.cache[2] is None) == (block == 64)
+        if block == 4:  # row blocks keep each block's weights (Eq. 11's path), unless dropout needs them whole
+            kept = layer.cache[2][-1]
+            shapes = [(3, 2, 4, 4), (3, 2, 4, 8), (3, 2, 3, 11)]
+            assert ([w.shape for w in kept] == shapes) if dropout == 0.0 else (kept.shape == (3, 2, 11, 11))
         dx = layer.backward(dy)
         results.append([y, dx] + [grad.copy() for _, grad in layer.named_grads()])
         layer.zero_grad()

@@ -131,6 +131,26 @@ class MultiHeadAttention(Module):
     replica of nanoGPT's GPU config at B 4 stepped in 500 ms with the full
     products and 487 ms with the blocks.
 
+    Row blocks. The softmax (3) and its gradient (5) work row by row, so they
+    too can run on one block of rows $I_r$ at a time, over its keys $J_r$
+    only: the scores of block $r$ go through (7), (2)-(3) and (8) while they
+    are in cache, and only the blocks' $A_{I_r, J_r}$ are kept (no $T \times T$
+    array, nothing to zero right of the diagonal blocks). Backward then takes
+    the row blocks one at a time too: (9)'s $\bar P_{I_r, J_r}$, (5) on it, and
+    (10)'s $\partial L / \partial Q_{I_r}$; the key side, a sum over rows, is
+    added block by block,
+
+    $$
+    \frac{\partial L}{\partial V_{J_r}} \mathrel{+}= A_{I_r, J_r}^\top\, G_{I_r}, \qquad
+    \frac{\partial L}{\partial K_{J_r}} \mathrel{+}= \bar S_{I_r, J_r}^\top\, (sQ)_{I_r}, \tag{11}
+    $$
+
+    the same sums as (9)-(10) in another order, from the last block, which
+    sees every key and writes both gradients whole. This is how the blocks
+    run when the attention weights are not dropped (dropout 0, or
+    evaluation); with dropout on them, one ``(B, NH, T, T)`` array of weights
+    is kept for the dropout's mask, as above.
+
     Args:
         n_embd: $C$.
         n_head: $NH$; must divide $C$.
@@ -216,6 +236,11 @@ class MultiHeadAttention(Module):
         blocks = self.blocks(T)
         q, k, v = self.split_heads(qkv, B, T) if blocks is None else xp.ascontiguousarray(self.split_heads(qkv, B, T))
         q *= self.scale  # Eq. (2): s Q, in place in c_attn's fresh output (c_attn keeps its input, not this)
+        y = xp.empty((B, T, C), dtype=q.dtype)  # the heads side by side: Y_all
+        if blocks is not None and not (self.attn_dropout.training and self.attn_dropout.p > 0):
+            self.merge_view(y)[...] = self._forward_row_blocks(q, k, v, blocks)  # Eqs. (7), (3), (8)
+            out = self.resid_dropout.forward(self.c_proj.forward(y.reshape(B * T, C)))
+            return out.reshape(B, T, C)
         if blocks is None:
             scores = self.scores.forward(q, xp.swapaxes(k, -1, -2))  # Eq. (2): S = (sQ) K^T
         else:  # heads as one contiguous stack, so that each block is one batched product
@@ -226,7 +251,6 @@ class MultiHeadAttention(Module):
         mask = self.causal_mask(T, dtype=scores.dtype) if self.causal else None  # Eq. (2): -inf above the diagonal
         probs = self.softmax.forward(scores, mask, self.own_scores(scores), out=scores)  # Eq. (3), in place
         probs = self.attn_dropout.forward(probs)  # Eq. (3)
-        y = xp.empty((B, T, C), dtype=probs.dtype)  # the heads side by side: Y_all
         if blocks is None:
             self.weighted_sum.forward(probs, v, out=self.merge_view(y))  # Eq. (3): Y = A V, written merged
             self.cache = (B, T, None)
@@ -245,6 +269,8 @@ class MultiHeadAttention(Module):
         check_output_grad(self, dy, (B, T, C))
         dy = self.c_proj.backward(self.resid_dropout.backward(dy.reshape(B * T, C)))
         dy = self.merge_view(dy.reshape(B, T, C))  # un-merge heads: a strided view
+        if blocked is not None and isinstance(blocked[-1], list):
+            return self._backward_row_blocks(dy, *blocked)
         if blocked is not None:
             return self._backward_blocks(dy, *blocked)
         dprobs, dv = self.weighted_sum.backward(dy)  # Eq. (4)
@@ -271,10 +297,48 @@ class MultiHeadAttention(Module):
         for r0, r1 in blocks:
             blas.matmul(dscores[..., r0:r1, :r1], k[..., :r1, :], out=dq[..., r0:r1, :])  # Eq. (10): S-bar K
             blas.matmul(xp.swapaxes(dscores[..., r0:, r0:r1], -1, -2), q[..., r0:, :], out=dk[..., r0:r1, :])  # (10)
-        dq *= self.scale  # Eq. (10): dQ = s (S-bar K); dK = S-bar^T (sQ) has its s already
-        dqkv = xp.empty((B * T, 3 * self.n_embd), dtype=g.dtype)
+        return self._heads_backward(dheads, B, T)
+
+    def _heads_backward(self, dheads, B: int, T: int):
+        """``(dQ, dK, dV)``, each ``(B, NH, T, hs)``, with $s$ not yet applied to dQ: through ``c_attn``."""
+        dheads[0] *= self.scale  # Eq. (10): dQ = s (S-bar K); dK = S-bar^T (sQ) has its s already
+        dqkv = xp.empty((B * T, 3 * self.n_embd), dtype=dheads.dtype)
         self.split_heads(dqkv, B, T)[...] = dheads  # the heads side by side again, for c_attn
         return self.c_attn.backward(dqkv).reshape(B, T, self.n_embd)
+
+    def _forward_row_blocks(self, q, k, v, blocks):
+        """Eqs. (7), (3) and (8) row block by row block, each block's softmax while its scores are in cache; the
+        blocks' probabilities ``(B, NH, |I_r|, max I_r)`` are kept, nothing right of each diagonal block."""
+        mask = self.causal_mask(q.shape[2], dtype=q.dtype)
+        heads, kept = xp.empty_like(v), []
+        for r0, r1 in blocks:
+            scores = blas.matmul(q[..., r0:r1, :], xp.swapaxes(k[..., :r1, :], -1, -2))  # Eq. (7)
+            probs = self.softmax.probabilities(scores, xp.ascontiguousarray(mask[r0:r1, :r1]),  # Eqs. (2)-(3)
+                                               self.own_scores(scores), out=scores)
+            blas.matmul(probs, v[..., :r1, :], out=heads[..., r0:r1, :])  # Eq. (8)
+            kept.append(probs)
+        self.cache = (q.shape[0], q.shape[2], (blocks, q, k, v, kept))
+        return heads
+
+    def _backward_row_blocks(self, g, blocks, q, k, v, kept):
+        """Eqs. (9), (5), (10) for each row block, over its kept probabilities; dK and dV add up over the blocks
+        as Eq. (11), starting from the last, which sees every key and so writes them whole."""
+        g = xp.ascontiguousarray(g)
+        dheads = xp.empty((3,) + q.shape, dtype=g.dtype)
+        dq, dk, dv = dheads
+        for index in reversed(range(len(blocks))):
+            (r0, r1), probs = blocks[index], kept[index]
+            g_rows, q_rows = g[..., r0:r1, :], q[..., r0:r1, :]
+            dprobs = blas.matmul(g_rows, xp.swapaxes(v[..., :r1, :], -1, -2))  # Eq. (9): P-bar, this block's
+            dscores = self.softmax.input_grad(probs, dprobs)  # Eq. (5)
+            blas.matmul(dscores, k[..., :r1, :], out=dq[..., r0:r1, :])  # Eq. (10): S-bar K
+            if r1 == q.shape[2]:  # the last block: every key's first term of Eq. (11)
+                blas.matmul(xp.swapaxes(dscores, -1, -2), q_rows, out=dk)  # Eq. (11)
+                blas.matmul(xp.swapaxes(probs, -1, -2), g_rows, out=dv)  # Eq. (11)
+            else:
+                blas.add_matmul(dk[..., :r1, :], xp.swapaxes(dscores, -1, -2), q_rows)  # Eq. (11)
+                blas.add_matmul(dv[..., :r1, :], xp.swapaxes(probs, -1, -2), g_rows)  # Eq. (11)
+        return self._heads_backward(dheads, q.shape[0], q.shape[2])
 
     @no_grad()
     def forward_cached(self, x, past=None):

@@ -83,7 +83,14 @@ class Softmax(Module):
         self.axis = axis
 
     def forward(self, x, mask=None, shift=None, out=None):
-        """``softmax(x + mask)`` along ``axis``.
+        """``softmax(x + mask)`` along ``axis``, kept for backward (:meth:`probabilities`' arguments)."""
+        y = self.probabilities(x, mask, shift, out)
+        self.cache = y
+        return y
+
+    def probabilities(self, x, mask=None, shift=None, out=None):
+        """``softmax(x + mask)`` along ``axis`` (Eq. 1), keeping nothing: for callers that keep $y$ themselves
+        (causal attention's row blocks) and pass it to :meth:`input_grad`.
 
         ``mask`` (optional) broadcasts against ``x``. ``shift`` (optional) is
         the $c$ of Eq. (1), one value per row (the softmax axis kept with size
@@ -116,7 +123,6 @@ class Softmax(Module):
             y -= y.max(axis=self.axis, keepdims=True)  # Eq. (1): c = m
         y = xp.exp(y, out=y)
         y /= self._row_sums(y)  # Eq. (1) (a compiled loop was measured slower here than einsum + divide)
-        self.cache = y
         return y
 
     def _shift_on_device(self, y) -> bool:
@@ -153,6 +159,10 @@ class Softmax(Module):
     def backward(self, dy):
         y = self.pop_cache()
         check_output_grad(self, dy, y.shape)
+        return self.input_grad(y, dy)
+
+    def input_grad(self, y, dy):
+        """Eq. (2) for the probabilities ``y`` :meth:`probabilities` returned and the upstream gradient ``dy``."""
         if self._compiled(y, dy):
             dx = xp.empty_like(dy)
             n = y.shape[-1]
