@@ -336,6 +336,10 @@ def can_accumulate(out, a, b) -> bool:
 
 
 def add_at_b(out, a, b) -> None:
-    """``out += a.T @ b`` in one ``sgemm`` call ($\\beta = 1$); check :func:`can_accumulate` first."""
+    """``out += a.T @ b`` in one ``sgemm`` call ($\\beta = 1$); check :func:`can_accumulate` first (shapes that
+    do not fit are refused here too: sgemm would read and write past the arrays)."""
+    if out.shape != (a.shape[1], b.shape[1]) or a.shape[0] != b.shape[0]:
+        raise ValueError(f"add_at_b: out {out.shape} += a.T @ b with a {a.shape} and b {b.shape}: the shapes do "
+                         "not fit")
     if a.shape[0] and out.size:
         _gemm_2d(a.T, b, out, 1.0)

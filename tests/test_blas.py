@@ -100,6 +100,14 @@ def test_mkl_accumulates_a_weight_gradient(mkl):
     assert relative_error(grad, expected) <= 1e-6
 
 
+def test_add_at_b_refuses_shapes_that_do_not_fit():
+    """sgemm reads and writes by the sizes it is given: a mismatch must not reach it (it corrupted memory)."""
+    grad = np.zeros((256, 784), np.float32)
+    with pytest.raises(ValueError, match=r"add_at_b: out \(256, 784\) \+= a.T @ b with a \(256, 512\) and b"):
+        blas.add_at_b(grad, normal(512, 256).T, normal(512, 784))
+    assert not grad.any()
+
+
 @needs_mkl
 def test_mkl_runs_on_one_thread_only_and_leaves_the_rest_to_numpy(mkl, monkeypatch):
     """With more threads than one (a single process) the product is numpy's own, bit for bit; float64,
