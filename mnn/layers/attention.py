@@ -234,8 +234,14 @@ class MultiHeadAttention(Module):
         B, T, C = x.shape
         qkv = self.c_attn.forward(x.reshape(B * T, C))  # Eq. (1)
         blocks = self.blocks(T)
-        q, k, v = self.split_heads(qkv, B, T) if blocks is None else xp.ascontiguousarray(self.split_heads(qkv, B, T))
-        q *= self.scale  # Eq. (2): s Q, in place in c_attn's fresh output (c_attn keeps its input, not this)
+        split = self.split_heads(qkv, B, T)
+        if blocks is None:
+            q, k, v = split
+            q *= self.scale  # Eq. (2): s Q, in place in c_attn's fresh output (c_attn keeps its input, not this)
+        else:  # the heads as one contiguous stack (each block one batched product), s applied as Q is copied
+            q, k, v = stack = xp.empty(split.shape, dtype=qkv.dtype)
+            xp.multiply(split[0], self.scale, out=q)  # Eq. (2): s Q
+            stack[1:] = split[1:]
         y = xp.empty((B, T, C), dtype=q.dtype)  # the heads side by side: Y_all
         if blocks is not None and not (self.attn_dropout.training and self.attn_dropout.p > 0):
             self.merge_view(y)[...] = self._forward_row_blocks(q, k, v, blocks)  # Eqs. (7), (3), (8)
@@ -301,9 +307,10 @@ class MultiHeadAttention(Module):
 
     def _heads_backward(self, dheads, B: int, T: int):
         """``(dQ, dK, dV)``, each ``(B, NH, T, hs)``, with $s$ not yet applied to dQ: through ``c_attn``."""
-        dheads[0] *= self.scale  # Eq. (10): dQ = s (S-bar K); dK = S-bar^T (sQ) has its s already
         dqkv = xp.empty((B * T, 3 * self.n_embd), dtype=dheads.dtype)
-        self.split_heads(dqkv, B, T)[...] = dheads  # the heads side by side again, for c_attn
+        slots = self.split_heads(dqkv, B, T)  # the heads side by side again, for c_attn
+        xp.multiply(dheads[0], self.scale, out=slots[0])  # Eq. (10): dQ = s (S-bar K), scaled as it is laid out
+        slots[1:] = dheads[1:]  # dK = S-bar^T (sQ) has its s already
         return self.c_attn.backward(dqkv).reshape(B, T, self.n_embd)
 
     def _forward_row_blocks(self, q, k, v, blocks):
