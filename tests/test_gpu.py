@@ -125,3 +125,27 @@ def test_gpt_training_steps_on_the_device_track_the_cpu():
     device = losses(DEVICE)
     np.testing.assert_allclose(device, host, rtol=0.0 if DEVICE == "strict" else 1e-4)
     assert device[-1] < device[0]
+
+
+def test_causal_attention_by_row_blocks_on_the_device():
+    """Eqs. (7)-(11) of MultiHeadAttention (T above the block size) on the device equal the CPU's numpy path."""
+    from mnn.layers import MultiHeadAttention  # noqa: PLC0415
+
+    def run(device):
+        on(device)
+        rng = np.random.default_rng(5)
+        layer = MultiHeadAttention(16, 2, rng=rng, dtype=np.float64)
+        layer.causal_block = 4  # three row blocks of T = 11, the last one short
+        x, dy = rng.standard_normal((3, 11, 16)), rng.standard_normal((3, 11, 16))
+        out = layer.forward(asarray(x))
+        assert isinstance(layer.cache[2][-1], list)  # the row blocks' path
+        dx = layer.backward(asarray(dy))
+        return [to_numpy(out), to_numpy(dx)] + [to_numpy(g) for _, g in layer.named_grads()]
+
+    previous = jit.set_enabled(False)
+    try:
+        host = run("cpu")
+    finally:
+        jit.set_enabled(previous)
+    for got, want in zip(run(DEVICE), host):
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL)
