@@ -259,17 +259,13 @@ def matmul(a, b, out=None):
     """``a @ b`` (into ``out`` when given, which must not overlap them), as ``numpy.matmul``: through MKL when
     chosen, on one thread (:func:`threads`), and the operands allow (same leading dimensions, or a stack of rows
     by one matrix, each matrix of ``MIN_MATRIX`` multiply-adds or more)."""
-    if library() == "mkl" and threads() == 1 and on_cpu() and _readable(a) and _readable(b) and a.ndim >= 2:
+    if _mkl_reads(a, b):
         if b.ndim == 2 and a.ndim > 2 and a.flags.c_contiguous:  # (..., k) rows by one matrix: one product
             flat = None if out is None or not out.flags.c_contiguous else out.reshape(-1, out.shape[-1])
             if out is None or flat is not None:
                 return matmul(a.reshape(-1, a.shape[-1]), b, flat).reshape(a.shape[:-1] + b.shape[-1:])
-        shape = a.shape[:-1] + b.shape[-1:]
-        if (a.ndim == b.ndim and a.shape[:-2] == b.shape[:-2] and a.shape[-1] == b.shape[-2]
-                and a.shape[-2] * a.shape[-1] * b.shape[-1] >= MIN_MATRIX
-                and (out is None or (out.shape == shape and _readable(out) and _layout(out)[0] == NO_TRANS))
-                and sgemm_address() is not None):
-            result = numpy.empty(shape, dtype=numpy.float32) if out is None else out
+        if _mkl_multiplies(a, b, out):
+            result = numpy.empty(a.shape[:-1] + b.shape[-1:], dtype=numpy.float32) if out is None else out
             if _multiply(a, b, result, 0.0):
                 return result
     return xp.matmul(a, b, out=out)
@@ -278,13 +274,25 @@ def matmul(a, b, out=None):
 def add_matmul(out, a, b) -> None:
     """``out += a @ b``: one ``sgemm`` with $\\beta = 1$ where :func:`matmul` would call MKL (and ``out`` is
     row-major), else numpy's ``out += a @ b`` (a temporary, then the sum)."""
-    if (library() == "mkl" and threads() == 1 and on_cpu() and _readable(a) and _readable(b) and _readable(out)
-            and a.ndim == b.ndim == out.ndim >= 2 and a.shape[:-2] == b.shape[:-2] == out.shape[:-2]
-            and a.shape[-1] == b.shape[-2] and out.shape[-2:] == (a.shape[-2], b.shape[-1])
-            and a.shape[-2] * a.shape[-1] * b.shape[-1] >= MIN_MATRIX and _layout(out)[0] == NO_TRANS
-            and sgemm_address() is not None and _multiply(a, b, out, 1.0)):
+    if _mkl_reads(a, b) and _mkl_multiplies(a, b, out) and _multiply(a, b, out, 1.0):
         return
     out += xp.matmul(a, b)
+
+
+def _mkl_reads(a, b) -> bool:
+    """Whether this product may go to MKL: chosen, on one thread, on the CPU, float32 stacks of matrices sgemm
+    reads in place."""
+    return library() == "mkl" and threads() == 1 and on_cpu() and _readable(a) and _readable(b) and a.ndim >= 2
+
+
+def _mkl_multiplies(a, b, out) -> bool:
+    """Whether sgemm takes ``a @ b`` (:func:`_mkl_reads`) into ``out`` (None: a new array): the same leading
+    dimensions, ``MIN_MATRIX`` multiply-adds or more per matrix, ``out`` row-major of the product's shape."""
+    shape = a.shape[:-1] + b.shape[-1:]
+    return (a.ndim == b.ndim and a.shape[:-2] == b.shape[:-2] and a.shape[-1] == b.shape[-2]
+            and a.shape[-2] * a.shape[-1] * b.shape[-1] >= MIN_MATRIX
+            and (out is None or (out.shape == shape and _readable(out) and _layout(out)[0] == NO_TRANS))
+            and sgemm_address() is not None)
 
 
 def _multiply(a, b, out, beta: float) -> bool:

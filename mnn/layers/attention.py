@@ -243,8 +243,10 @@ class MultiHeadAttention(Module):
             xp.multiply(split[0], self.scale, out=q)  # Eq. (2): s Q
             stack[1:] = split[1:]
         y = xp.empty((B, T, C), dtype=q.dtype)  # the heads side by side: Y_all
-        if blocks is not None and not (self.attn_dropout.training and self.attn_dropout.p > 0):
-            self.merge_view(y)[...] = self._forward_row_blocks(q, k, v, blocks)  # Eqs. (7), (3), (8)
+        if blocks is not None and not self.attn_dropout.active:
+            heads, kept = self._forward_row_blocks(q, k, v, blocks)  # Eqs. (7), (3), (8)
+            self.merge_view(y)[...] = heads
+            self.cache = (B, T, (blocks, q, k, v, kept))  # kept: a list, the row blocks' weights
             out = self.resid_dropout.forward(self.c_proj.forward(y.reshape(B * T, C)))
             return out.reshape(B, T, C)
         if blocks is None:
@@ -275,7 +277,7 @@ class MultiHeadAttention(Module):
         check_output_grad(self, dy, (B, T, C))
         dy = self.c_proj.backward(self.resid_dropout.backward(dy.reshape(B * T, C)))
         dy = self.merge_view(dy.reshape(B, T, C))  # un-merge heads: a strided view
-        if blocked is not None and isinstance(blocked[-1], list):
+        if blocked is not None and isinstance(blocked[-1], list):  # the row blocks' weights (forward)
             return self._backward_row_blocks(dy, *blocked)
         if blocked is not None:
             return self._backward_blocks(dy, *blocked)
@@ -314,8 +316,8 @@ class MultiHeadAttention(Module):
         return self.c_attn.backward(dqkv).reshape(B, T, self.n_embd)
 
     def _forward_row_blocks(self, q, k, v, blocks):
-        """Eqs. (7), (3) and (8) row block by row block, each block's softmax while its scores are in cache; the
-        blocks' probabilities ``(B, NH, |I_r|, max I_r)`` are kept, nothing right of each diagonal block."""
+        """Eqs. (7), (3) and (8) row block by row block, each block's softmax while its scores are in cache:
+        ``(heads, the blocks' probabilities)``, each ``(B, NH, |I_r|, max I_r)``, none right of its diagonal."""
         mask = self.causal_mask(q.shape[2], dtype=q.dtype)
         heads, kept = xp.empty_like(v), []
         for r0, r1 in blocks:
@@ -324,8 +326,7 @@ class MultiHeadAttention(Module):
                                                self.own_scores(scores), out=scores)
             blas.matmul(probs, v[..., :r1, :], out=heads[..., r0:r1, :])  # Eq. (8)
             kept.append(probs)
-        self.cache = (q.shape[0], q.shape[2], (blocks, q, k, v, kept))
-        return heads
+        return heads, kept
 
     def _backward_row_blocks(self, g, blocks, q, k, v, kept):
         """Eqs. (9), (5), (10) for each row block, over its kept probabilities; dK and dV add up over the blocks

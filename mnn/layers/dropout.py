@@ -40,8 +40,13 @@ class Dropout(Module):
         self.p = p
         self.rng = rng if rng is not None else numpy.random.default_rng()
 
+    @property
+    def active(self) -> bool:
+        """Whether forward draws a mask (training, ``p > 0``); otherwise it is the identity."""
+        return self.training and self.p > 0.0
+
     def forward(self, x):
-        if not self.training or self.p == 0.0:
+        if not self.active:
             self.cache = x.shape  # the identity: only the shape, to check dy against
             return x
         keep = self.rng.random(x.shape, dtype=numpy.float32) >= self.p
