@@ -61,6 +61,18 @@ def share_weights(model: Module) -> Module:
     return replica
 
 
+def _add(pair) -> None:
+    """Eq. (1): one replica's gradients added into the model's (``pair``: the model's run, the replica's)."""
+    xp.add(pair[0], pair[1], out=pair[0])
+
+
+def _add_and_zero(pair) -> None:
+    """:func:`_add`, then the replica's run zeroed while it is in cache, for its next pass (a replica process's:
+    see :meth:`~mnn.replica_process.ReplicaProcess.release`)."""
+    xp.add(pair[0], pair[1], out=pair[0])
+    pair[1].fill(0)
+
+
 class DataParallel:
     r"""Run ``model`` and ``loss_fn`` on ``replicas`` slices of each batch at once, in threads.
 
@@ -233,10 +245,11 @@ class DataParallel:
         for k in sorted(losses):
             if k:
                 pairs = threads.runs([self._grads[0], self._grads[k]])  # gradients that lie end to end: one call
-                threads.for_each(lambda pair: xp.add(pair[0], pair[1], out=pair[0]), pairs,
+                worker = self._workers.get(k)
+                threads.for_each(_add if worker is None else _add_and_zero, pairs,
                                  [total.size for total, _ in pairs])  # Eq. (1): the sum over replicas, in order
-                if k in self._workers:
-                    self._workers[k].release()  # its process zeroes them while this one goes on
+                if worker is not None:
+                    worker.release()  # its gradients are read, and zero for its next pass
         return float(sum(losses[k] * len(shards[k][0]) / rows * scale for k in sorted(losses)))  # Eq. (1)
 
     @no_grad()

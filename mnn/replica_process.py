@@ -18,8 +18,15 @@ holds or replaces them keeps working); weights that
 :meth:`~mnn.module.Module.flatten_parameters` already put in shared memory
 are not copied: the replica uses the model's arrays themselves. The child
 writes its gradients into the mapping, :class:`~mnn.parallel.DataParallel`
-adds them into the model's, in replica order, as for a thread, and then tells
-the child to zero them, which it does while the parent clips and updates.
+adds them into the model's, in replica order, as for a thread, and zeroes
+each run of them right after adding it, while it is in cache; then it tells
+the child, whose next pass starts from them as they are. Before, the child
+zeroed them itself while the parent clipped and updated, and took a core from
+the parent's second thread (:mod:`mnn.threads`): on nanoGPT's GPU config
+(2 cores of an Intel Xeon, alternating blocks in one process, 2026-12-01)
+the parent's AdamW update took 8.75 ms with the child zeroing beside it and
+6.91 ms without, and the whole step 520.9 ms against 513.1 (on the CPU recipe's
+0.8 M parameters, 21.70 against 21.66 ms: no change).
 The child computes exactly what the thread would, so the two give the same bits.
 
 Waiting. A process that waits on a pipe sleeps, and waking it takes time: on
@@ -228,10 +235,11 @@ class ReplicaProcess:
             raise self._died() from None
 
     def release(self) -> None:
-        """Tell the child that its gradients were read: it zeroes them now, while this process goes on."""
+        """Tell the child that its gradients were read and zeroed here (:class:`~mnn.parallel.DataParallel` zeroes
+        each run of them as it adds it): its next pass need not zero them."""
         if self.started:
             try:
-                self._conn.send((0, "zero", None, None, None, None))  # no answer comes back
+                self._conn.send((0, "zeroed", None, None, None, None))  # no answer comes back
             except (BrokenPipeError, EOFError, OSError):
                 raise self._died() from None
 
@@ -306,9 +314,7 @@ def _serve(conn, replica, loss_fn, grads, rngs, parent_end=None, parent=None) ->
             return
         if message is None:
             return
-        if message[1] == "zero":  # the parent read our gradients: zero them before the next pass asks
-            for (grad,) in threads.runs([grads]):
-                grad.fill(0)
+        if message[1] == "zeroed":  # the parent read our gradients and zeroed them
             zeroed = True
             continue
         number, kind, x, y, weight, (training, dtype, compiled, loss_scale, states) = message

@@ -71,11 +71,11 @@ class Summary:
     @property
     def optimizer_bytes(self) -> int:
         """mnn's AdamW: two moments per parameter; on numpy's path (no compiled loops) also two work buffers
-        the size of the largest parameter, or of :data:`mnn.threads.PIECE` numbers where that is smaller."""
+        the size of the largest parameter, or of :data:`mnn.threads.NUMPY_PIECE` numbers where that is smaller."""
         if jit.enabled():
             return 2 * self.parameter_bytes
         itemsize = self.parameter_bytes // max(self.parameters, 1)
-        return 2 * self.parameter_bytes + 2 * min(self.largest_parameter_bytes, threads.PIECE * itemsize)
+        return 2 * self.parameter_bytes + 2 * min(self.largest_parameter_bytes, threads.NUMPY_PIECE * itemsize)
 
     @property
     def forward_flops(self) -> int:

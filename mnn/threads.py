@@ -38,7 +38,9 @@ from mnn import blas
 from mnn.backend import on_cpu
 
 MIN_ELEMENTS = 1 << 19
-PIECE = 1 << 18  # numbers in one merged run at most: two threads share the pieces, scratch buffers stay small
+PIECE = 1 << 21  # numbers in one merged run at most: a long run is cut into an even number of equal pieces
+NUMPY_PIECE = 1 << 18  # the same for numpy's path of an optimizer: its work buffers, and each piece, stay in cache
+_ALIGN = 16  # numbers: a cut falls on a 64-byte boundary of float32
 _pool = None
 _runs_cache: dict = {}  # ids of the arrays -> (the arrays, their runs): a step passes the same lists every time
 
@@ -58,12 +60,11 @@ def for_each(function, items: list, sizes: list) -> list:
     total = sum(sizes)
     if total < MIN_ELEMENTS or len(items) < 2 or blas.threads() < 2 or not on_cpu():
         return [function(item) for item in items]
-    cut, running = len(items) - 1, 0
-    for index, size in enumerate(sizes):  # the first run: the items up to half of the work
+    cut, running, gap = 1, 0, None
+    for index, size in enumerate(sizes[:-1]):  # the first run: the items that come nearest to half of the work
         running += size
-        if 2 * running >= total:
-            cut = max(1, min(index + 1, len(items) - 1))
-            break
+        if gap is None or abs(2 * running - total) < gap:
+            cut, gap = index + 1, abs(2 * running - total)
     if _pool is None:
         _pool = ThreadPoolExecutor(1, thread_name_prefix="mnn-passes")
     second = _pool.submit(lambda: [function(item) for item in items[cut:]])
@@ -117,6 +118,16 @@ def runs(columns: list, piece: int = PIECE) -> list:
     return rows
 
 
+def _part(size: int, piece: int) -> int:
+    """The length of each piece of a run of ``size`` numbers: equal pieces of at most ``piece``, an even number of
+    them where the run is worth two threads (:data:`MIN_ELEMENTS`: each then takes half), rounded up to
+    :data:`_ALIGN` numbers where they are longer."""
+    count = -(-size // piece)
+    count += count % 2 if size >= MIN_ELEMENTS else 0
+    part = -(-size // count)
+    return -(-part // _ALIGN) * _ALIGN if part > _ALIGN else part
+
+
 def _merged(rows: list, piece: int) -> list:
     """``rows`` in the order their first arrays lie in memory, neighbours merged, long runs cut (:func:`runs`)."""
     def flat(row):
@@ -142,5 +153,6 @@ def _merged(rows: list, piece: int) -> list:
             continue
         size = sum(int(row[0].size) for row in group)
         whole = [_merge([row[k] for row in group]) for k in range(len(group[0]))]
-        merged.extend(tuple(view[start: start + piece] for view in whole) for start in range(0, size, piece))
+        part = _part(size, piece)
+        merged.extend(tuple(view[start: start + part] for view in whole) for start in range(0, size, part))
     return merged + [row for row in rows if not flat(row)]

@@ -54,6 +54,26 @@ def test_processes_give_the_bits_of_threads_dropout_and_evaluation_included(repl
     assert by_processes[2] == by_threads[2] and by_threads[2]  # the replicas' dropout streams, as a checkpoint saves
 
 
+def test_the_sum_leaves_the_childs_gradients_zero_for_its_next_pass():
+    """DataParallel zeroes each run of a child's gradients as it adds it (the child no longer zeroes them beside
+    the parent's update); the next pass starts from zero: the same gradients twice for the same batch."""
+    model = GPT(CONFIG, seed=5)
+    parallel = DataParallel(model, CrossEntropyLoss(), 2, processes=True)
+    try:
+        parallel.train(False)  # no dropout: the same batch gives the same gradients
+        x, y = tokens(6)
+        sums = []
+        for _ in range(3):  # the first pass runs here, then the child forks
+            model.zero_grad()
+            parallel.forward_backward(x, y)
+            assert all(not grad.any() for _, grad in parallel.models[1].named_grads())  # shared with the child
+            sums.append([grad.copy() for _, grad in model.named_grads()])
+        for first, later in zip(sums[1], sums[2]):
+            assert np.array_equal(first, later)
+    finally:
+        parallel.close()
+
+
 def test_bf16_products_reach_the_child():
     pytest.importorskip("ml_dtypes")
     precision.set_compute_dtype("bf16")

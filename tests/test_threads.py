@@ -83,12 +83,35 @@ def test_runs_merge_neighbours_in_memory_order_and_cut_long_ones():
     a, b, c = buffer[0:10].reshape(2, 5), buffer[10:16], buffer[16:30].reshape(7, 2)
     x, y, z = other[0:10].reshape(2, 5), other[10:16], other[16:30].reshape(7, 2)
     rows = threads.runs([[c, a, b], [z, x, y]], piece=12)  # listed out of order: merged by address
-    assert [row[0].size for row in rows] == [12, 12, 6]
+    assert [row[0].size for row in rows] == [10, 10, 10]  # three equal pieces of at most 12
     assert np.array_equal(np.concatenate([row[0] for row in rows]), buffer)
     assert np.array_equal(np.concatenate([row[1] for row in rows]), other)
     for row in rows:
         np.add(row[0], 1, out=row[0])  # views of the same memory
     assert np.array_equal(buffer, np.arange(30) + 1)
+
+
+def test_a_run_worth_two_threads_is_cut_into_an_even_number_of_equal_aligned_pieces():
+    """Two threads then take half of it each (before: pieces of 2^18 and a remainder, so that the 0.8 M
+    parameters of the GPT CPU recipe went 524 K to one thread and 286 K to the other)."""
+    size = threads.MIN_ELEMENTS + 100
+    buffer = np.zeros(size, np.float32)
+    rows = threads.runs([[buffer[:1000], buffer[1000:]]])  # shorter than PIECE, but worth two threads
+    sizes = [row[0].size for row in rows]
+    assert len(sizes) == 2 and sum(sizes) == size and sizes[0] % 16 == 0 and abs(sizes[0] - sizes[1]) <= 32
+    rows = threads.runs([[buffer[:1000], buffer[1000:]]], piece=size // 3)  # 4 pieces, not 3
+    assert len(rows) == 4 and all(row[0].size % 16 == 0 for row in rows[:-1])
+    small = np.zeros(1000, np.float32)
+    assert len(threads.runs([[small[:500], small[500:]]])) == 1  # not worth two threads: one piece
+
+
+def test_the_two_threads_get_the_items_nearest_to_half_of_the_work(two_threads):
+    here = threading.current_thread().name
+    quarter = threads.MIN_ELEMENTS // 4
+    names = {}
+    threads.for_each(lambda i: names.__setitem__(i, threading.current_thread().name), [0, 1, 2],
+                     [3 * quarter, 10 * quarter, quarter])
+    assert names[0] == here and names[1] == names[2] != here  # 3 against 11, not 13 against 1
 
 
 def test_runs_leave_apart_what_does_not_lie_end_to_end():

@@ -27,7 +27,8 @@ momentum) or fifteen (Adam).
 
 Parameters that lie end to end in memory
 (:meth:`~mnn.module.Module.flatten_parameters`) are updated as runs of up to
-:data:`mnn.threads.PIECE` numbers, one call each (:func:`mnn.threads.runs`),
+:data:`mnn.threads.PIECE` numbers (:data:`mnn.threads.NUMPY_PIECE` on numpy's
+path), one call each (:func:`mnn.threads.runs`),
 with the same bits; their moments are laid out the same way, one block per
 group.
 """
@@ -39,7 +40,7 @@ import threading
 
 import numpy
 
-from mnn import threads
+from mnn import jit, threads
 from mnn.backend import on_cpu, to_numpy, xp
 from mnn.errors import ShapeError
 from mnn.module import Module, check_state
@@ -106,7 +107,8 @@ class Optimizer:
                 self.state.setdefault(name, {})
             columns = [[param for _, param, _ in group["params"]], [grad for _, _, grad in group["params"]]]
             columns += [[self.state[name][buffer] for name, _, _ in group["params"]] for buffer in buffers]
-            for row in threads.runs(columns):
+            piece = threads.PIECE if jit.enabled() else threads.NUMPY_PIECE  # numpy's path: pieces stay in cache
+            for row in threads.runs(columns, piece):
                 self._rows.append((group, row[0], row[1], dict(zip(buffers, row[2:]))))
         self._scratch = threading.local()  # per thread: the updates of two threads must not share a work buffer
 
