@@ -209,11 +209,10 @@ class MLPStep(Case):
         optimizer = SGD(model, lr=MLP_LR, momentum=MLP_MOMENTUM)
         x, y = data["x"], data["y"]
 
-        def step():
-            optimizer.zero_grad()
+        def step():  # the training loop's body: the update zeroes the gradients it reads
             loss = loss_fn.forward(model.forward(x), y)
             model.backward(loss_fn.backward())
-            optimizer.step()
+            optimizer.step(zero_grad=True)
             return loss
 
         return Side(step, float, [model, optimizer])
@@ -282,11 +281,10 @@ def mnn_language_model_side(model, replicas: int, adamw: dict, data: dict) -> Si
     grads = [grad for _, grad in model.named_grads()]
     x, y = data["x"], data["y"]
 
-    def step():
-        optimizer.zero_grad()
+    def step():  # the update zeroes the gradients it reads, as the loop's does
         loss = parallel.forward_backward(x, y)
         clip_grad_norm(grads, GRAD_CLIP)
-        optimizer.step()
+        optimizer.step(zero_grad=True)
         return loss
 
     return Side(step, float, [model, optimizer, parallel])

@@ -79,10 +79,9 @@ class CNNStep(Case):
         optimizer = AdamW(param_groups(model, CNN_ADAMW["weight_decay"]), lr=CNN_ADAMW["lr"])
         x, y = data["x"], data["y"]
 
-        def step():  # the classifier loop's body (no clipping there)
-            optimizer.zero_grad()
+        def step():  # the classifier loop's body (no clipping there; the update zeroes the gradients it reads)
             loss = parallel.forward_backward(x, y)
-            optimizer.step()
+            optimizer.step(zero_grad=True)
             return loss
 
         return Side(step, float, [model, optimizer, parallel])

@@ -187,10 +187,12 @@ class GradScaler:
         """Make ``optimizer.step()`` do nothing after an overflow (as ``GradScaler.step``); returns the optimizer."""
         step = optimizer.step
 
-        def guarded_step(*args, **kwargs):
-            if self.found_inf:
+        def guarded_step(*args, zero_grad: bool = False, **kwargs):
+            if self.found_inf:  # no update; the gradients are still zeroed when asked
+                if zero_grad:
+                    optimizer.zero_grad()
                 return None
-            return step(*args, **kwargs)
+            return step(*args, zero_grad=zero_grad, **kwargs)
 
         optimizer.step = guarded_step
         return optimizer

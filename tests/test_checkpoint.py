@@ -30,8 +30,8 @@ import mnn.optim
 from mnn.cli import main
 stop_at, sig = int(sys.argv[1]), getattr(signal, sys.argv[2])
 original, calls = mnn.optim.Optimizer.step, [0]
-def step(self):
-    original(self)
+def step(self, **options):
+    original(self, **options)
     calls[0] += 1
     if calls[0] == stop_at:
         os.kill(os.getpid(), sig)

@@ -151,6 +151,40 @@ def test_lr_property_sets_every_group_and_zero_grad_zeroes():
     assert not grads["w1"].any()
 
 
+ZEROING = {"sgd": lambda g: SGD(g, lr=0.1), "momentum": lambda g: SGD(g, lr=0.1, momentum=0.9, weight_decay=0.01),
+           "nesterov": lambda g: SGD(g, lr=0.1, momentum=0.9, nesterov=True),
+           "adam": lambda g: Adam(g, lr=0.01, weight_decay=0.1), "adamw": lambda g: AdamW(g, lr=0.01)}
+
+
+@pytest.mark.parametrize("kind", list(ZEROING))
+def test_step_with_zero_grad_equals_step_then_zero_grad_bit_for_bit(kind, compute_path):
+    """``step(zero_grad=True)`` (the compiled loops zero each gradient as they read it) gives the parameters and
+    state of ``step()`` then ``zero_grad()``, and leaves every gradient zero; flattened runs included."""
+    results = []
+    for fused in (False, True):
+        params, grads, schedule = make_problem(numpy.float32, seed=4)
+        flat = numpy.zeros(sum(g.size for g in grads.values()), numpy.float32)  # gradients end to end: one run
+        offset = 0
+        for name, g in grads.items():
+            grads[name] = flat[offset: offset + g.size].reshape(g.shape)
+            offset += g.size
+        optimizer = ZEROING[kind]([{"params": [(n, params[n], grads[n]) for n in SHAPES]}])
+        for gradients in schedule:
+            for name, g in gradients.items():
+                grads[name] += g  # accumulates: a gradient left over would change the next step
+            if fused:
+                optimizer.step(zero_grad=True)
+            else:
+                optimizer.step()
+                optimizer.zero_grad()
+            assert not flat.any()
+        results.append((params, optimizer.state_dict()))
+    for name in SHAPES:
+        assert numpy.array_equal(results[0][0][name], results[1][0][name]), name
+    for key, value in results[0][1].items():
+        assert numpy.array_equal(value, results[1][1][key]), key
+
+
 def test_bad_configuration_is_refused():
     params, grads, _ = make_problem(numpy.float64)
     triples = [("w1", params["w1"], grads["w1"])]

@@ -129,6 +129,20 @@ def test_gpt_logits_loss_and_gradients_match_torch_autocast_bf16(bf16):
     assert rel(model.forward(idx), logits) > 1e-4
 
 
+def test_a_skipped_step_still_zeroes_the_gradients_when_asked():
+    from mnn.optim import SGD  # noqa: PLC0415
+
+    layer = Linear(2, 2, rng=np.random.default_rng(0))
+    scaler = precision.GradScaler(scale=8.0)
+    optimizer = scaler.guard(SGD(layer, lr=0.1))
+    before = layer.params["weight"].copy()
+    layer.grads["weight"][...] = np.inf
+    scaler.update(finite=False)
+    optimizer.step(zero_grad=True)  # skipped, as the loop steps: the gradients are zeroed all the same
+    np.testing.assert_array_equal(layer.params["weight"], before)
+    assert not layer.grads["weight"].any()
+
+
 def test_grad_scaler_skips_the_step_and_halves_the_scale_on_overflow_and_grows_after_good_steps():
     from mnn.optim import SGD  # noqa: PLC0415
 

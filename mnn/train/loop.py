@@ -267,6 +267,7 @@ class Run:
         bar = progress_bar(total, initial=self.start, description="train") if main else None
         timer, log_timer = StepTimer(), StepTimer()  # ms per step at evaluations / at log lines
         skipped, last_evaluation, step = 0, self.start, self.start
+        zeroed = False  # whether every gradient the optimizer updates is zero now
         with StopRequest() as stop:
             self.stop = stop
             for step in range(self.start, total + 1):
@@ -286,7 +287,9 @@ class Run:
                 if step == total or self.stop_requested():
                     break
                 task.optimizer.lr = task.schedule(step)
-                task.optimizer.zero_grad()
+                if not zeroed:  # the last update zeroed them as it read them (step(zero_grad=True))
+                    task.optimizer.zero_grad()
+                zeroed = False
                 loss = self.gradients(step)
                 norm = task.gradient_norm() if math.isfinite(loss) else math.nan
                 if not math.isfinite(loss) or not math.isfinite(norm):
@@ -296,7 +299,8 @@ class Run:
                     task.discard_step()
                     skipped += 1
                 else:
-                    task.optimizer.step()
+                    task.optimizer.step(zero_grad=True)
+                    zeroed = True
                     self.running.append(loss)
                     self.last_loss = loss
                 timer.tick()
