@@ -158,7 +158,7 @@ ZEROING = {"sgd": lambda g: SGD(g, lr=0.1), "momentum": lambda g: SGD(g, lr=0.1,
 
 @pytest.mark.parametrize("kind", list(ZEROING))
 def test_step_with_zero_grad_equals_step_then_zero_grad_bit_for_bit(kind, compute_path):
-    """``step(zero_grad=True)`` (the compiled loops zero each gradient as they read it) gives the parameters and
+    """``step(zero_grad=True)`` (each run of gradients zeroed right after its update) gives the parameters and
     state of ``step()`` then ``zero_grad()``, and leaves every gradient zero; flattened runs included."""
     results = []
     for fused in (False, True):

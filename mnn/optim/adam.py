@@ -82,7 +82,7 @@ class Adam(Optimizer):
     def buffer_names(self, group: dict) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
 
-    def update(self, group, param, grad, state, scratch) -> bool:
+    def update(self, group, param, grad, state, scratch) -> None:
         lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         m, v, t = state["exp_avg"], state["exp_avg_sq"], self.step_count
         if jit.usable(param, grad, m, v):
@@ -90,13 +90,13 @@ class Adam(Optimizer):
             shrink, l2 = (1.0 - lr * decay, 0.0) if self.decoupled else (1.0, decay)
             _adam_kernel(jit.flat(param), jit.flat(grad), jit.flat(m), jit.flat(v), real(shrink), real(l2),
                          real(beta1), real(beta2), real(1.0 - beta2), real(eps), real(lr / (1.0 - beta1**t)),
-                         real(math.sqrt(1.0 - beta2**t)), real(xp.finfo(param.dtype).tiny), self.zeroing)
-            return self.zeroing
+                         real(math.sqrt(1.0 - beta2**t)), real(xp.finfo(param.dtype).tiny))
+            return
         if cuda_kernels.usable(param, grad, m, v):  # the GPU: Eqs. (1)-(6) in one pass
             shrink, l2 = (1.0 - lr * decay, 0.0) if self.decoupled else (1.0, decay)
             cuda_kernels.adam_update(param, grad, m, v, shrink, l2, beta1, beta2, eps, lr / (1.0 - beta1**t),
                                      math.sqrt(1.0 - beta2**t))
-            return False
+            return
         work, _ = scratch()  # numpy's path: one work array of this thread's own
         g = grad
         if decay != 0.0:
@@ -122,20 +122,15 @@ class Adam(Optimizer):
         xp.divide(m, work, out=work)  # Eq. (6)
         work *= step_size  # Eq. (6)
         param -= work  # Eq. (6)
-        return False
 
 
 @jit.kernel
-def _adam_kernel(param, grad, m, v, shrink, l2, beta1, beta2, one_minus_beta2, eps, step_size, bias2_sqrt, tiny,
-                 zero):
+def _adam_kernel(param, grad, m, v, shrink, l2, beta1, beta2, one_minus_beta2, eps, step_size, bias2_sqrt, tiny):
     r"""Adam's Eqs. (1)-(6) for one parameter, element by element; AdamW passes ``shrink`` = $1 - \eta\lambda$,
-    ``tiny`` is the smallest normal float (:func:`~mnn.optim.optimizer.flush_subnormal`); with ``zero`` each
-    gradient is set to zero once read (``step(zero_grad=True)``)."""
+    ``tiny`` is the smallest normal float (:func:`~mnn.optim.optimizer.flush_subnormal`)."""
     for i in range(param.size):
         p = param[i]
         g = grad[i]
-        if zero:
-            grad[i] = 0.0
         if l2 != 0.0:
             g = g + l2 * p  # Adam Eq. (1)
         p = p * shrink  # AdamW Eq. (1) (1 for Adam)

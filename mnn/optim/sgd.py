@@ -64,15 +64,15 @@ class SGD(Optimizer):
     def buffer_names(self, group: dict) -> tuple[str, ...]:
         return ("momentum",) if group["momentum"] != 0.0 else ()
 
-    def update(self, group, param, grad, state, scratch) -> bool:
+    def update(self, group, param, grad, state, scratch) -> None:
         lr, mu, decay = group["lr"], group["momentum"], group["weight_decay"]
         buf = state["momentum"] if mu != 0.0 else param  # param: an unused stand-in when there is no momentum
         if jit.usable(param, grad, buf):
             real = param.dtype.type
             _sgd_kernel(jit.flat(param), jit.flat(grad), jit.flat(buf), real(lr), real(mu), real(decay),
                         real(1.0 - group["dampening"]), group["nesterov"], self.step_count == 1,
-                        real(xp.finfo(param.dtype).tiny), self.zeroing)
-            return self.zeroing
+                        real(xp.finfo(param.dtype).tiny))
+            return
         work, spare = scratch()  # numpy's path: two work arrays of this thread's own
         direction = grad
         if decay != 0.0:
@@ -99,17 +99,14 @@ class SGD(Optimizer):
                 direction = buf  # Eq. (3)
         xp.multiply(direction, lr, out=work)  # Eq. (4): eta d_t (work may alias direction)
         param -= work  # Eq. (4)
-        return False
 
 
 @jit.kernel
-def _sgd_kernel(param, grad, buf, lr, mu, decay, keep, nesterov, first, tiny, zero):
+def _sgd_kernel(param, grad, buf, lr, mu, decay, keep, nesterov, first, tiny):
     r"""SGD's Eqs. (1)-(4) for one parameter, element by element (``keep`` = $1 - \tau$, ``tiny`` the
-    smallest normal float; with ``zero`` each gradient is set to zero once read)."""
+    smallest normal float)."""
     for i in range(param.size):
         d = grad[i]
-        if zero:
-            grad[i] = 0.0
         if decay != 0.0:
             d = d + decay * param[i]  # Eq. (1)
         if mu != 0.0:
