@@ -1,6 +1,7 @@
 """The compiled path never makes mnn fail: no writable cache folder, a cache that cannot be written, odd dtypes."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -131,3 +132,37 @@ def test_dtypes_the_kernels_do_not_take_run_on_the_numpy_path(make, dtype):
     finally:
         jit.set_enabled(previous)
     assert np.array_equal(got, expected) and np.array_equal(got_dx, expected_dx)
+
+
+def _float32_kernel_cases():
+    from mnn.layers import gelu, normalization, softmax  # noqa: PLC0415
+    from mnn.optim import adam, sgd  # noqa: PLC0415
+
+    f = np.float32
+    v, rows = np.ones(64, f), np.ones((4, 16), f)
+    return {
+        "layernorm forward": (normalization._layernorm_forward_kernel, {"reassoc"},
+                              (rows, v[:16], v[:16], rows.copy(), rows.copy(), v[:4].copy(), f(1), f(1e-5), f(1))),
+        "layernorm backward": (normalization._layernorm_backward_kernel, {"reassoc"},
+                               (rows, rows, v[:4], v[:16], v[:16].copy(), v[:16].copy(), rows.copy(), f(1))),
+        "softmax backward": (softmax._softmax_backward_kernel, {"reassoc"}, (rows, rows, rows.copy(), f(0))),
+        "gelu forward": (gelu._gelu_float32_kernel, {"contract"}, (v, v.copy(), v.copy())),
+        "gelu backward": (gelu._gelu_backward_kernel, False, (v, v, v, v.copy(), f(1), f(1), f(1))),
+        "adam": (adam._adam_kernel, False,
+                 (v.copy(), v, v.copy(), v.copy(), f(1), f(0), f(.9), f(.99), f(.01), f(1e-8), f(1), f(1), f(1e-38))),
+        "sgd": (sgd._sgd_kernel, False, (v.copy(), v, v.copy(), f(1), f(.9), f(0), f(1), False, False, f(1e-38))),
+    }
+
+
+@pytest.mark.parametrize("name", list(_float32_kernel_cases()))
+def test_float32_loops_compute_in_float32(name):
+    """No float64 arithmetic in a transformer or optimizer loop given float32 arrays. A literal ``0`` that
+    started LayerNorm's and the softmax backward's sums made them float64 (numba types float32 * int64 as
+    float64): twice the vector instructions, with conversions, for no accuracy the layers promise."""
+    import numba  # noqa: PLC0415
+
+    kernel, fastmath, args = _float32_kernel_cases()[name]
+    compiled = numba.njit(cache=False, nogil=True, error_model="numpy", fastmath=fastmath)(kernel.__wrapped__)
+    compiled(*args)
+    (ir,) = compiled.inspect_llvm().values()
+    assert "fpext float" not in ir and not re.search(r"\bf(add|sub|mul|div) [a-z ]*double", ir), name

@@ -8,10 +8,12 @@ Resuming must give the recorded final tensors bitwise. numba's compiled loops
 and plain numpy (``MNN_JIT=0``) round differently, so ``expected.json`` holds the
 final digests for both compute paths; a resumed run must match one of them
 exactly, weights and optimizer state alike. Since GELU's float32 loop computes
-``tanh`` as a rational function (:mod:`mnn.layers.gelu`), the GPT's compiled path
-rounds differently from the old code's: its resume is checked against the digests
-this code recorded (``resumed_compiled_now``), and its resume on the numpy path,
-whose arithmetic did not change, against the old code's.
+``tanh`` as a rational function (:mod:`mnn.layers.gelu`), and LayerNorm's and the
+softmax backward's loops sum in float32 (they summed in float64, by accident of a
+literal ``0``), the GPT's compiled path rounds differently from the old code's: its
+resume is checked against the digests this code recorded (``resumed_compiled_now``,
+recorded again with each such change), and its resume on the numpy path, whose
+arithmetic did not change, against the old code's.
 """
 
 import hashlib

