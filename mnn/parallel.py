@@ -69,7 +69,7 @@ def _add(pair) -> None:
 def _add_and_zero(pair) -> None:
     """:func:`_add`, then the replica's run zeroed while it is in cache, for its next pass (a replica process's:
     see :meth:`~mnn.replica_process.ReplicaProcess.release`)."""
-    xp.add(pair[0], pair[1], out=pair[0])
+    _add(pair)
     pair[1].fill(0)
 
 

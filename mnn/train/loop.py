@@ -287,7 +287,7 @@ class Run:
                 if step == total or self.stop_requested():
                     break
                 task.optimizer.lr = task.schedule(step)
-                if not zeroed:  # the last update zeroed them as it read them (step(zero_grad=True))
+                if not zeroed:  # the last update zeroed them right after it read them (step(zero_grad=True))
                     task.optimizer.zero_grad()
                 zeroed = False
                 loss = self.gradients(step)
